@@ -1,0 +1,198 @@
+"""Loading: one plain object holding everything a Stable Diffusion model is made of.
+
+Sources, all local (nothing is ever downloaded):
+- a diffusers-format folder (model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/);
+- one single-file checkpoint in the original CompVis/LDM key layout (see `single_file.py`);
+- the embedded model by name ("shapes"), a diffusers folder shipped inside this package.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdknobs.errors import SdknobsError
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED = {"shapes": ASSETS / "models" / "shapes"}
+COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+
+# Text-encoder width -> family. 768 is CLIP ViT-L/14 (SD1.x), 1024 OpenCLIP ViT-H/14 (SD2.x).
+FAMILY_BY_TEXT_WIDTH = {768: "SD1.x", 1024: "SD2.x"}
+
+
+@dataclass
+class Model:
+    """Tokenizer, text encoder, U-Net, VAE and scheduler config, plus what we detected about them."""
+
+    tokenizer: object  # transformers.CLIPTokenizer
+    text_encoder: torch.nn.Module  # transformers.CLIPTextModel
+    unet: torch.nn.Module  # diffusers.UNet2DConditionModel
+    vae: torch.nn.Module  # diffusers.AutoencoderKL
+    scheduler_config: dict
+    family: str = "custom"  # "SD1.x", "SD2.x", "shapes" or "custom"
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def latent_scale(self) -> float:
+        """The factor that maps VAE latents to the unit-variance space the U-Net works in."""
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along one side (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this (8 for SD, as diffusers requires)."""
+        return max(8, self.vae_scale_factor)
+
+    @property
+    def text_width(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
+
+    def to(self, device=None, dtype=None) -> "Model":
+        for m in self.components().values():
+            m.to(device=device, dtype=dtype)
+        return self
+
+
+def detect_family(text_width: int, name: str = "") -> str:
+    if name in EMBEDDED:
+        return name
+    return FAMILY_BY_TEXT_WIDTH.get(text_width, "custom")
+
+
+def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """fp32 on CPU; fp16 on CUDA unless told otherwise."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype is None:
+        return dev, (torch.float16 if dev.type == "cuda" else torch.float32)
+    if dtype not in names:
+        raise SdknobsError(f"--dtype {dtype!r} is not known; choose one of fp32, fp16, bf16")
+    if dev.type == "cpu" and names[dtype] == torch.float16:
+        raise SdknobsError("--dtype fp16 is not supported on the CPU; use fp32 or bf16")
+    return dev, names[dtype]
+
+
+def load_model(model: str | Path = "shapes", device: str | None = None, dtype: str | None = None) -> Model:
+    """Load a model from a diffusers folder, a single-file checkpoint, or the embedded name."""
+    dev, dt = resolve_device_dtype(device, dtype)
+    name = str(model)
+    if name in EMBEDDED:
+        path = EMBEDDED[name]
+        if not (path / "model_index.json").exists():
+            raise SdknobsError(f"the embedded model {name!r} is not shipped in this build (expected {path})")
+        m = _load_folder(path, dt)
+        m.family = name
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise SdknobsError(f"--model {name!r}: no such folder or file (embedded models: {', '.join(EMBEDDED)})")
+        if path.is_dir():
+            m = _load_folder(path, dt)
+        else:
+            from sdknobs.single_file import load_single_file
+
+            m = load_single_file(path, dtype=dt)
+    m.source = name
+    m.to(dev)
+    for module in m.components().values():
+        module.eval().requires_grad_(False)
+    return m
+
+
+def _load_folder(path: Path, dtype: torch.dtype) -> Model:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise SdknobsError(
+            f"model folder {path} is missing component folder(s) {', '.join(missing)}; a diffusers "
+            f"Stable Diffusion folder needs {', '.join(COMPONENTS)}"
+        )
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if not sched_file.exists():
+        raise SdknobsError(f"model folder {path}: missing {sched_file.relative_to(path)}")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise SdknobsError(f"model folder {path}: could not load a component: {str(e).splitlines()[0]}") from e
+    scheduler_config = json.loads(sched_file.read_text())
+    family = detect_family(text_encoder.config.hidden_size)
+    return Model(tokenizer, text_encoder, unet, vae, scheduler_config, family=family, source=str(path))
+
+
+def save_model(m: Model, path: str | Path) -> Path:
+    """Write `m` as a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads.
+
+    Written to a temporary sibling folder and renamed, so a failure never leaves half a model.
+    """
+    import shutil
+    import tempfile
+
+    import diffusers
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        m.tokenizer.save_pretrained(tmp / "tokenizer")
+        m.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        m.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        m.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        (tmp / "scheduler").mkdir()
+        sched = {"_class_name": m.scheduler_config.get("_class_name", "DDIMScheduler"), **m.scheduler_config}
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", sched["_class_name"]],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
