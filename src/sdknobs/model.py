@@ -124,7 +124,8 @@ def load_model(model: str | Path = "shapes", device: str | None = None, dtype: s
 
             m = load_single_file(path, dtype=dt)
     m.source = name
-    m.to(dev)
+    if m.device != dev:
+        m.to(dev)
     for module in m.components().values():
         module.eval().requires_grad_(False)
     return m

@@ -1,0 +1,172 @@
+"""Images and masks: loading with clear errors, pixel <-> tensor, masks on the latent grid,
+feathered paste-back, outpaint canvases, grids, and PNGs that carry their parameters."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter, PngImagePlugin
+
+from sdknobs.errors import SdknobsError
+
+
+def load_image(path: str | Path, what: str = "--image", mode: str = "RGB") -> Image.Image:
+    p = Path(path)
+    if not p.is_file():
+        raise SdknobsError(f"{what} {str(path)!r}: no such file")
+    try:
+        with Image.open(p) as im:
+            return im.convert(mode)
+    except Exception as e:  # PIL raises several types for unreadable files
+        raise SdknobsError(f"{what} {str(path)!r}: not a readable image ({e.__class__.__name__}: {e})") from e
+
+
+def check_size(width: int, height: int, multiple: int) -> None:
+    for name, v in (("--width", width), ("--height", height)):
+        if v <= 0 or v % multiple:
+            lo = max(multiple, v // multiple * multiple)
+            hi = lo + multiple if lo >= v else lo
+            near = sorted({lo, hi})
+            raise SdknobsError(f"{name} {v} is not a multiple of {multiple}; nearest valid: {' or '.join(map(str, near))}")
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> [1, 3, H, W] in [-1, 1] (what the VAE encoder expects)."""
+    a = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(a).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> PIL images (rounded as diffusers' image processor does)."""
+    a = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in a]
+
+
+def mask_array(mask: Image.Image) -> np.ndarray:
+    """Grayscale mask -> float array in [0, 1]; white (1) = repaint."""
+    return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+
+
+def latent_mask(mask: Image.Image, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Pixel mask -> binary [1, 1, h, w] mask on the latent grid (binarize at 0.5, nearest downsample)."""
+    m = torch.from_numpy((mask_array(mask) >= 0.5).astype(np.float32))[None, None]
+    return torch.nn.functional.interpolate(m, size=latent_hw)
+
+
+def feather(mask: Image.Image, radius: float) -> np.ndarray:
+    """The paste-back weight: the mask blurred by a Gaussian of `radius` px (0 = hard edge)."""
+    m = mask.convert("L")
+    if radius > 0:
+        m = m.filter(ImageFilter.GaussianBlur(radius))
+    return np.asarray(m, dtype=np.float32)[..., None] / 255.0
+
+
+def paste_back(original: Image.Image, generated: Image.Image, mask: Image.Image, radius: float) -> Image.Image:
+    """out = w * generated + (1 - w) * original, w = feathered mask: outside the mask the original's
+    pixels come back exactly (no VAE round trip there)."""
+    w = feather(mask, radius)
+    a = np.asarray(original.convert("RGB"), dtype=np.float32)
+    b = np.asarray(generated.convert("RGB"), dtype=np.float32)
+    out = np.where(w > 0, w * b + (1 - w) * a, a)
+    return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
+
+
+def mask_crop_box(mask: Image.Image, padding: int, aspect: float, multiple: int = 1) -> tuple[int, int, int, int] | None:
+    """Bounding box of the mask's white area, padded, widened to `aspect` (w/h), inside the image."""
+    bbox = mask.convert("L").point(lambda v: 255 if v >= 128 else 0).getbbox()
+    if bbox is None:
+        return None
+    W, H = mask.size
+    x0, y0, x1, y1 = bbox[0] - padding, bbox[1] - padding, bbox[2] + padding, bbox[3] + padding
+    w, h = x1 - x0, y1 - y0
+    if w / h < aspect:
+        w2 = h * aspect
+        x0, x1 = x0 - (w2 - w) / 2, x1 + (w2 - w) / 2
+    else:
+        h2 = w / aspect
+        y0, y1 = y0 - (h2 - h) / 2, y1 + (h2 - h) / 2
+    # Shift into the image, then clip.
+    dx = max(0 - x0, 0) - max(x1 - W, 0)
+    dy = max(0 - y0, 0) - max(y1 - H, 0)
+    x0, x1, y0, y1 = x0 + dx, x1 + dx, y0 + dy, y1 + dy
+    return (int(max(0, np.floor(x0))), int(max(0, np.floor(y0))), int(min(W, np.ceil(x1))), int(min(H, np.ceil(y1))))
+
+
+def extend_canvas(image: Image.Image, left: int, right: int, top: int, bottom: int, overlap: int,
+                  fill: str = "edge", seed: int = 0) -> tuple[Image.Image, Image.Image]:
+    """A larger canvas with the image inside, the new border filled, and the mask to inpaint
+    (the new area plus `overlap` px into the original on each extended side)."""
+    if min(left, right, top, bottom) < 0:
+        raise SdknobsError("outpaint: --left/--right/--top/--bottom must be >= 0")
+    if left + right + top + bottom == 0:
+        raise SdknobsError("outpaint: nothing to extend; give --left, --right, --top or --bottom")
+    W, H = image.size
+    a = np.asarray(image.convert("RGB"))
+    if fill == "edge":
+        canvas = np.pad(a, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    elif fill == "noise":
+        rng = np.random.default_rng(seed)
+        canvas = rng.integers(0, 256, size=(H + top + bottom, W + left + right, 3), dtype=np.uint8)
+        canvas[top : top + H, left : left + W] = a
+    else:
+        raise SdknobsError(f"outpaint: --fill {fill!r} is not known; choose edge or noise")
+    mask = Image.new("L", (canvas.shape[1], canvas.shape[0]), 255)
+    keep = (left + (overlap if left else 0), top + (overlap if top else 0),
+            left + W - (overlap if right else 0), top + H - (overlap if bottom else 0))
+    ImageDraw.Draw(mask).rectangle([keep[0], keep[1], keep[2] - 1, keep[3] - 1], fill=0)
+    return Image.fromarray(canvas), mask
+
+
+def a1111_parameters(prompt: str, negative_prompt: str, **fields) -> str:
+    """A1111's `parameters` text: prompt, 'Negative prompt: ...', then 'Key: value, ...'."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None))
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:
+    """Write a PNG atomically (temporary name, then rename), with a `parameters` text chunk."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def grid(cells: list[list[Image.Image]], labels: list[list[str]] | None = None, scale: int = 1,
+         col_titles: list[str] | None = None, row_titles: list[str] | None = None) -> Image.Image:
+    """Rows x columns of images (upscaled `scale`x with nearest neighbour), optional captions."""
+    rows, cols = len(cells), max(len(r) for r in cells)
+    w, h = cells[0][0].size
+    w, h = w * scale, h * scale
+    lab_h = 12 * (max(len(l.split("\n")) for r in labels for l in r) if labels else 0)
+    top = 14 if col_titles else 0
+    left = 8 * max((len(t) for t in row_titles), default=0) if row_titles else 0
+    out = Image.new("RGB", (left + cols * (w + 4) + 4, top + rows * (h + lab_h + 4) + 4), "white")
+    d = ImageDraw.Draw(out)
+    for c, t in enumerate(col_titles or []):
+        d.text((left + 4 + c * (w + 4), 1), t, fill="black")
+    for r, row in enumerate(cells):
+        y = top + 4 + r * (h + lab_h + 4)
+        if row_titles:
+            d.text((2, y + h // 2 - 5), row_titles[r], fill="black")
+        for c, im in enumerate(row):
+            x = left + 4 + c * (w + 4)
+            out.paste(im.resize((w, h), Image.NEAREST), (x, y))
+            if labels:
+                d.multiline_text((x, y + h + 1), labels[r][c], fill="black", spacing=1)
+    return out

@@ -1,0 +1,128 @@
+"""The denoising loop. txt2img, img2img, inpainting and outpainting all call `denoise`.
+
+Notation (DDPM/DDIM papers): x_0 is a clean latent, eps noise, abar_t = prod_{s<=t} (1 - beta_s),
+and the forward process is  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps   (scheduler.add_noise).
+
+- txt2img starts from pure noise at the first timestep (strength 1).
+- img2img starts from the forward process applied to the image's latent at a later timestep:
+  with S steps and strength s, init = int(S * s) steps are run, starting at index S - init.
+- inpainting keeps the unmasked region on the forward-process path of the original at every step:
+  z <- m * z_denoised + (1 - m) * forward(x_0, t_next)  with one fixed eps; after the last step, x_0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from sdknobs.errors import SdknobsError
+
+# name -> (diffusers class, config overrides, A1111 sampler name for PNG metadata)
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}, "DPM++ 2M"),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}, "DPM++ 2M Karras"),
+    "ddpm": ("DDPMScheduler", {}, "DDPM"),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PLMS"),
+}
+
+
+def make_scheduler(name: str, config: dict):
+    """A diffusers scheduler by our short name, configured from the model's scheduler config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise SdknobsError(f"--scheduler {name!r} is not known; choose one of {', '.join(SCHEDULERS)}")
+    cls_name, overrides, _ = SCHEDULERS[name]
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    return getattr(diffusers, cls_name).from_config({**cfg, **overrides})
+
+
+def start_index(steps: int, strength: float) -> int:
+    """Index into the schedule where img2img starts: strength s runs int(steps * s) of `steps` steps."""
+    if not 0.0 <= strength <= 1.0:
+        raise SdknobsError(f"--strength must be in [0, 1], got {strength}")
+    init = min(int(steps * strength), steps)
+    return steps - init
+
+
+@dataclass
+class StartInfo:
+    index: int  # first step run (0 = txt2img)
+    steps_run: int
+    timestep: float  # t at which denoising starts
+    alpha_bar: float  # abar_t there: the share of the image's signal variance that survives
+
+
+def prepare_timesteps(scheduler, steps: int, strength: float, device) -> tuple[torch.Tensor, StartInfo]:
+    scheduler.set_timesteps(steps, device=device)
+    i0 = start_index(steps, strength)
+    timesteps = scheduler.timesteps[i0 * scheduler.order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(i0 * scheduler.order)
+    if len(timesteps) == 0:
+        return timesteps, StartInfo(i0, 0, float("nan"), 1.0)
+    t0 = timesteps[0]
+    abar = float(scheduler.alphas_cumprod[int(round(float(t0)))])
+    return timesteps, StartInfo(i0, steps - i0, float(t0), abar)
+
+
+def denoise(
+    unet,
+    scheduler,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    *,
+    steps: int,
+    guidance: float,
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    x0: torch.Tensor | None = None,
+    strength: float = 1.0,
+    mask: torch.Tensor | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, StartInfo]:
+    """Run the sampler and return the final latent (in U-Net space) and where it started.
+
+    cond/uncond: text embeddings [B, 77, D]; uncond None means no classifier-free guidance.
+    x0: the clean starting latent (img2img / inpainting), already scaled by the VAE scaling factor.
+    strength: 1.0 starts from pure noise (x0 then only serves the kept region of a mask).
+    mask: [B or 1, 1, h, w] on the latent grid, 1 = repaint, 0 = keep x0.
+    callback: called after every step with {"i", "t", "x", "steps"}.
+    """
+    device, dtype = cond.device, cond.dtype
+    timesteps, info = prepare_timesteps(scheduler, steps, strength, device)
+    if mask is not None and x0 is None:
+        raise SdknobsError("denoise: a mask needs the starting latent x0")
+    if strength < 1.0 and x0 is None:
+        raise SdknobsError("denoise: strength < 1 needs the starting latent x0")
+    eps = torch.randn(shape, generator=generator, device=device, dtype=dtype)  # the one fixed noise
+    if strength >= 1.0:
+        x = eps * scheduler.init_noise_sigma
+    else:
+        x = scheduler.add_noise(x0, eps, timesteps[:1].repeat(shape[0]))  # x_t = sqrt(abar) x0 + sqrt(1-abar) eps
+    context = cond if uncond is None else torch.cat([uncond, cond])
+    # DDIM takes eta (0: deterministic); ancestral samplers take the generator for their fresh noise.
+    extra = {}
+    if "generator" in scheduler.step.__code__.co_varnames:
+        extra["generator"] = generator
+    for i, t in enumerate(tqdm(timesteps, desc="denoise", disable=not progress, leave=False)):
+        xin = x if uncond is None else torch.cat([x, x])
+        xin = scheduler.scale_model_input(xin, t)
+        pred = unet(xin, t, encoder_hidden_states=context, return_dict=False)[0]
+        if uncond is not None:
+            pred_u, pred_c = pred.chunk(2)
+            pred = pred_u + guidance * (pred_c - pred_u)
+        x = scheduler.step(pred, t, x, **extra, return_dict=False)[0]
+        if mask is not None:
+            # Keep region follows the forward process of the original to the next timestep.
+            kept = x0 if i == len(timesteps) - 1 else scheduler.add_noise(x0, eps, timesteps[i + 1 : i + 2])
+            x = (1 - mask) * kept + mask * x
+        if callback is not None:
+            callback({"i": info.index + i, "t": t, "x": x, "steps": steps})
+    return x, info

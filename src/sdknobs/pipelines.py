@@ -1,0 +1,209 @@
+"""txt2img, img2img, inpainting and outpainting: each checks its inputs, prepares latents and
+text, calls the one denoising loop (`loop.denoise`), decodes, and pastes back. Same argument names
+everywhere; the CLI mirrors them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdknobs import images as im
+from sdknobs.errors import SdknobsError
+from sdknobs.loop import SCHEDULERS, StartInfo, denoise, make_scheduler, start_index
+from sdknobs.text import encode_prompt
+
+
+@dataclass
+class Result:
+    images: list[Image.Image]
+    parameters: list[str]  # A1111-style `parameters` text, one per image
+    start: StartInfo | None = None
+    extra: dict = field(default_factory=dict)  # e.g. the inpainted image before paste-back
+
+
+def _check_common(model, steps, guidance, batch, width, height):
+    if steps < 1:
+        raise SdknobsError(f"--steps must be >= 1, got {steps}")
+    if batch < 1:
+        raise SdknobsError(f"--batch must be >= 1, got {batch}")
+    if guidance < 0:
+        raise SdknobsError(f"--guidance must be >= 0, got {guidance}")
+    im.check_size(width, height, model.size_multiple)
+
+
+def _params(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, width, height, batch, **more):
+    return [
+        im.a1111_parameters(
+            prompt, negative_prompt or "", Steps=steps, Sampler=SCHEDULERS[scheduler][2], **{"CFG scale": guidance},
+            Seed=seed, Size=f"{width}x{height}", Model=model.source or model.family,
+            **{"Batch size": batch if batch > 1 else None, "Batch pos": i if batch > 1 else None}, **more,
+        )
+        for i in range(batch)
+    ]
+
+
+def encode_image(model, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+    """x_0 = scaling_factor * sample of q(z | image), as diffusers does (the draw uses `generator`)."""
+    x = im.to_tensor(image).to(model.device, model.dtype)
+    return model.vae.encode(x).latent_dist.sample(generator) * model.latent_scale
+
+
+def decode(model, latents: torch.Tensor) -> list[Image.Image]:
+    return im.to_pil(model.vae.decode(latents / model.latent_scale, return_dict=False)[0])
+
+
+@torch.inference_mode()
+def _run(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, width, height, batch,
+         image=None, strength=1.0, mask=None, callback=None, progress=True):
+    """Prepare text, starting latent and mask; run the loop; return latents and start info."""
+    sched = make_scheduler(scheduler, model.scheduler_config)
+    emb = encode_prompt(model, prompt, negative_prompt, guidance, batch)
+    f = model.vae_scale_factor
+    shape = (emb.cond.shape[0], model.unet.config.in_channels, height // f, width // f)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    lat_mask = None if mask is None else im.latent_mask(mask, shape[2:]).to(model.device, model.dtype)
+    # The image latent is needed where it is kept (mask) or where denoising starts from it (strength < 1).
+    needs_x0 = image is not None and (strength < 1.0 or (lat_mask is not None and lat_mask.min() < 1))
+    x0 = None
+    if needs_x0:
+        x0 = encode_image(model, image, generator)
+        x0 = x0.expand(shape[0], -1, -1, -1)
+    if lat_mask is not None and x0 is None:
+        lat_mask = None  # full mask at strength 1: nothing is kept, so this is txt2img
+    latents, info = denoise(
+        model.unet, sched, emb.cond, emb.uncond, steps=steps, guidance=guidance, shape=shape,
+        generator=generator, x0=x0, strength=strength if image is not None else 1.0, mask=lat_mask,
+        callback=callback, progress=progress,
+    )
+    return latents, info
+
+
+def generate(model, prompt, *, negative_prompt="", steps=30, guidance=7.5, scheduler="ddim", seed=0,
+             width=None, height=None, batch=1, callback=None, progress=True) -> Result:
+    """txt2img: the loop at strength 1 from pure noise."""
+    width, height = width or model.default_size, height or model.default_size
+    _check_common(model, steps, guidance, batch, width, height)
+    kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, width=width, height=height, batch=batch)
+    latents, info = _run(model, prompt, negative_prompt, callback=callback, progress=progress, **kw)
+    with torch.inference_mode():
+        pics = decode(model, latents)
+    return Result(pics, _params(model, prompt, negative_prompt, **kw), info)
+
+
+def _prepare_image(model, image, width, height, what="--image"):
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        image = im.load_image(image, what)
+    width, height = width or image.width, height or image.height
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return image, width, height
+
+
+def img2img(model, image, prompt, *, strength=0.75, negative_prompt="", steps=30, guidance=7.5,
+            scheduler="ddim", seed=0, width=None, height=None, batch=1, callback=None, progress=True) -> Result:
+    """img2img: start from the image's latent noised to the start timestep that `strength` picks."""
+    image, width, height = _prepare_image(model, image, width, height)
+    _check_common(model, steps, guidance, batch, width, height)
+    i0 = start_index(steps, strength)  # validates strength
+    kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, width=width, height=height, batch=batch)
+    params = _params(model, prompt, negative_prompt, **kw, **{"Denoising strength": strength})
+    if i0 == steps:  # strength 0 (or too small to run one step): the input, untouched
+        sched = make_scheduler(scheduler, model.scheduler_config)
+        sched.set_timesteps(steps)
+        return Result([image.copy() for _ in range(batch)], params, StartInfo(steps, 0, 0.0, 1.0))
+    latents, info = _run(model, prompt, negative_prompt, image=image, strength=strength,
+                         callback=callback, progress=progress, **kw)
+    with torch.inference_mode():
+        pics = decode(model, latents)
+    return Result(pics, params, info)
+
+
+def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=4.0, only_masked=False, padding=32,
+            resize_mask=False, negative_prompt="", steps=30, guidance=7.5, scheduler="ddim", seed=0,
+            width=None, height=None, batch=1, callback=None, progress=True) -> Result:
+    """Inpainting: repaint where the mask is white; keep the rest on the original's noise path.
+
+    only_masked: inpaint the mask's bounding box (+padding) at full model resolution, then paste back.
+    mask_blur: Gaussian radius (px) of the feathered paste-back, 0 = hard edge.
+    `extra["raw"]` holds the decoded images before paste-back."""
+    image, width, height = _prepare_image(model, image, width, height)
+    if isinstance(mask, (str, bytes)) or hasattr(mask, "__fspath__"):
+        mask = im.load_image(mask, "--mask", mode="L")
+    mask = mask.convert("L")
+    if mask.size != image.size:
+        if not resize_mask:
+            raise SdknobsError(f"--mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
+                               f"pass --resize-mask to resize it")
+        mask = mask.resize(image.size, Image.NEAREST)
+    if mask_blur < 0:
+        raise SdknobsError(f"--mask-blur must be >= 0, got {mask_blur}")
+    start_index(steps, strength)  # validates strength
+    kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, width=width, height=height, batch=batch)
+    params = _params(model, prompt, negative_prompt, **kw, **{"Denoising strength": strength, "Mask blur": mask_blur})
+    if im.mask_array(mask).max() < 0.5 or strength == 0:  # nothing to repaint
+        _check_common(model, steps, guidance, batch, width, height)
+        return Result([image.copy() for _ in range(batch)], params, None, {"raw": []})
+    if only_masked:
+        box = im.mask_crop_box(mask, padding, width / height)
+        crop, crop_mask = image.crop(box), mask.crop(box)
+        sub = inpaint(model, crop.resize((width, height), Image.LANCZOS), crop_mask.resize((width, height), Image.NEAREST),
+                      prompt, strength=strength, mask_blur=0, negative_prompt=negative_prompt, steps=steps,
+                      guidance=guidance, scheduler=scheduler, seed=seed, batch=batch, callback=callback, progress=progress)
+        pasted = []
+        for raw in sub.extra["raw"]:
+            canvas = image.copy()
+            canvas.paste(raw.resize(crop.size, Image.LANCZOS), box[:2])
+            pasted.append(im.paste_back(image, canvas, mask, mask_blur))
+        return Result(pasted, params, sub.start, {"raw": sub.extra["raw"], "box": box})
+    _check_common(model, steps, guidance, batch, width, height)
+    latents, info = _run(model, prompt, negative_prompt, image=image, strength=strength, mask=mask,
+                         callback=callback, progress=progress, **kw)
+    with torch.inference_mode():
+        raw = decode(model, latents)
+    return Result([im.paste_back(image, r, mask, mask_blur) for r in raw], params, info, {"raw": raw})
+
+
+def outpaint(model, image, prompt, *, left=0, right=0, top=0, bottom=0, overlap=8, fill="edge",
+             strength=1.0, mask_blur=4.0, **kwargs) -> Result:
+    """Outpainting: inpainting on a canvas extended by the given pixels on each side."""
+    image, _, _ = _prepare_image(model, image, None, None)
+    canvas, mask = im.extend_canvas(image, left, right, top, bottom, overlap, fill, seed=kwargs.get("seed", 0))
+    for name, v in (("width", canvas.width), ("height", canvas.height)):
+        if v % model.size_multiple:
+            raise SdknobsError(f"outpaint: the extended canvas {name} is {v}, not a multiple of {model.size_multiple}; "
+                               f"change the extension by {(-v) % model.size_multiple} px")
+    res = inpaint(model, canvas, mask, prompt, strength=strength, mask_blur=mask_blur, **kwargs)
+    res.extra.update(canvas=canvas, mask=mask)
+    return res
+
+
+def sweep_strength(model, image, prompt, *, strengths=(0.0, 0.25, 0.5, 0.75, 1.0), seeds=(0, 1), steps=30,
+                   scale=4, **kwargs) -> tuple[Image.Image, list[list[StartInfo]]]:
+    """A grid: strengths across, seeds down; each cell labelled with strength, start step and abar."""
+    cells, labels, infos = [], [], []
+    for seed in seeds:
+        row, lab, inf = [], [], []
+        for s in strengths:
+            r = img2img(model, image, prompt, strength=s, steps=steps, seed=seed, **kwargs)
+            row.append(r.images[0])
+            inf.append(r.start)
+            lab.append(f"s={s:.2f}\nstart {r.start.index}/{steps}\nabar={r.start.alpha_bar:.3f}")
+        cells.append(row)
+        labels.append(lab)
+        infos.append(inf)
+    g = im.grid(cells, labels, scale=scale, row_titles=[f"seed {s}" for s in seeds])
+    return g, infos
+
+
+def strength_table(steps: int, strengths, scheduler="ddim", config=None) -> list[StartInfo]:
+    """How each strength maps to a start step, timestep and abar for a scheduler (no model needed)."""
+    from sdknobs.loop import prepare_timesteps
+    from sdknobs.tiny import SD_SCHEDULER_CONFIG
+
+    out = []
+    for s in strengths:
+        sched = make_scheduler(scheduler, config or SD_SCHEDULER_CONFIG)
+        out.append(prepare_timesteps(sched, steps, s, "cpu")[1])
+    return out
