@@ -1,0 +1,5 @@
+import sys
+
+from sdknobs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,218 @@
+"""The command line: thin. It builds configs from flags, calls the library, writes files.
+Library errors (SdknobsError) become one line on stderr and exit code 2, with nothing written."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from sdknobs.errors import SdknobsError
+
+log = logging.getLogger("sdknobs")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per dataclass field: --field-name, typed from the default, help from metadata."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = {"help": meta.get("help", ""), "dest": f.name}
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+            kw["default"] = default
+        elif isinstance(default, list):
+            kw.update(nargs="+", type=meta.get("type", str), default=default)
+        else:
+            kw.update(type=type(default), default=default)
+        if meta.get("required"):
+            kw["required"] = True
+            kw.pop("default", None)
+        if f.name == "prompt" and cls.__name__ != "PretrainConfig":
+            kw["required"] = True
+        parser.add_argument(flag, **kw)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _outputs(out: str, n: int) -> list[Path]:
+    p = Path(out)
+    if p.suffix.lower() != ".png":
+        raise SdknobsError(f"--out {out!r} must end in .png")
+    return [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
+
+
+def _write(result, out: str) -> None:
+    from sdknobs.images import save_png
+
+    for path, image, params in zip(_outputs(out, len(result.images)), result.images, result.parameters):
+        save_png(image, path, params)
+        print(path)
+
+
+def _model(cfg):
+    from sdknobs.model import load_model
+
+    return load_model(cfg.model, device=cfg.device or None, dtype=cfg.dtype or None)
+
+
+def cmd_generate(cfg):
+    from sdknobs.pipelines import generate
+
+    _outputs(cfg.out, cfg.batch)
+    _write(generate(_model(cfg), cfg.prompt, **cfg.sample_kwargs()), cfg.out)
+
+
+def cmd_img2img(cfg):
+    from sdknobs.images import load_image
+    from sdknobs.pipelines import img2img
+
+    _outputs(cfg.out, cfg.batch)
+    image = load_image(cfg.image, "--image")
+    r = img2img(_model(cfg), image, cfg.prompt, strength=cfg.strength, **cfg.sample_kwargs())
+    log.info("start step %d of %d, t=%.0f, alpha_bar=%.4f", r.start.index, cfg.steps, r.start.timestep, r.start.alpha_bar)
+    _write(r, cfg.out)
+
+
+def cmd_inpaint(cfg):
+    from sdknobs.images import load_image
+    from sdknobs.pipelines import inpaint
+
+    _outputs(cfg.out, cfg.batch)
+    image, mask = load_image(cfg.image, "--image"), load_image(cfg.mask, "--mask", mode="L")
+    r = inpaint(_model(cfg), image, mask, cfg.prompt, strength=cfg.strength, mask_blur=cfg.mask_blur,
+                only_masked=cfg.only_masked, padding=cfg.padding, resize_mask=cfg.resize_mask, **cfg.sample_kwargs())
+    _write(r, cfg.out)
+
+
+def cmd_outpaint(cfg):
+    from sdknobs.images import load_image
+    from sdknobs.pipelines import outpaint
+
+    _outputs(cfg.out, cfg.batch)
+    kw = cfg.sample_kwargs()
+    kw.pop("width"), kw.pop("height")
+    r = outpaint(_model(cfg), load_image(cfg.image, "--image"), cfg.prompt, left=cfg.left, right=cfg.right,
+                 top=cfg.top, bottom=cfg.bottom, overlap=cfg.overlap, fill=cfg.fill, strength=cfg.strength,
+                 mask_blur=cfg.mask_blur, **kw)
+    _write(r, cfg.out)
+
+
+def cmd_sweep_strength(cfg):
+    from sdknobs.images import a1111_parameters, load_image, save_png
+    from sdknobs.pipelines import sweep_strength
+
+    _outputs(cfg.out, 1)
+    kw = cfg.sample_kwargs()
+    for k in ("seed", "batch", "steps"):
+        kw.pop(k)
+    g, infos = sweep_strength(_model(cfg), load_image(cfg.image, "--image"), cfg.prompt, strengths=cfg.strengths,
+                              seeds=cfg.seeds, steps=cfg.steps, scale=cfg.scale, **kw)
+    for s, info in zip(cfg.strengths, infos[0]):
+        print(f"strength {s:.2f}: start step {info.index}/{cfg.steps}, runs {info.steps_run}, "
+              f"t={info.timestep:.0f}, alpha_bar={info.alpha_bar:.4f}")
+    save_png(g, cfg.out, a1111_parameters(cfg.prompt, cfg.negative_prompt, Steps=cfg.steps,
+                                          Strengths=" ".join(map(str, cfg.strengths)),
+                                          Seeds=" ".join(map(str, cfg.seeds))))
+    print(cfg.out)
+
+
+def cmd_info(args):
+    from sdknobs.model import load_model
+
+    m = load_model(args.model, device=args.device or None, dtype=args.dtype or None)
+    attn = [n for n, mod in m.unet.named_modules() if n.endswith((".attn1", ".attn2"))]
+    cross = [n for n in attn if n.endswith(".attn2")]
+    print(f"model:            {m.source}")
+    print(f"family:           {m.family}")
+    print(f"prediction type:  {m.prediction_type}")
+    print(f"default size:     {m.default_size}x{m.default_size} px (latent {m.unet.config.sample_size}x"
+          f"{m.unet.config.sample_size}x{m.unet.config.in_channels}, VAE factor {m.vae_scale_factor}, "
+          f"scaling factor {m.latent_scale:.5f})")
+    print(f"text encoder:     width {m.text_width}, {m.text_encoder.config.num_hidden_layers} layers, "
+          f"vocabulary {len(m.tokenizer)}, window {m.tokenizer.model_max_length}")
+    for name, mod in m.components().items():
+        print(f"{name + ':':<17} {sum(p.numel() for p in mod.parameters()):,} parameters")
+    print(f"attention layers: {len(attn)} ({len(attn) - len(cross)} self, {len(cross)} cross)")
+    print(f"cross-attention projections (to_q/to_k/to_v/to_out.0): {4 * len(cross)}")
+    print(f"device, dtype:    {m.device}, {str(m.dtype).replace('torch.', '')}")
+
+
+SAMPLERS = {
+    "generate": ("txt2img: draw from a prompt", "SampleConfig", cmd_generate),
+    "img2img": ("start from an image noised to the strength's timestep", "Img2ImgConfig", cmd_img2img),
+    "inpaint": ("repaint the white area of a mask", "InpaintConfig", cmd_inpaint),
+    "outpaint": ("extend the canvas and inpaint the new border", "OutpaintConfig", cmd_outpaint),
+    "sweep-strength": ("a grid of img2img strengths (across) and seeds (down)", "SweepConfig", cmd_sweep_strength),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sdknobs import config
+
+    p = argparse.ArgumentParser(prog="sdknobs", description="Customize Stable Diffusion: LoRA, img2img/inpainting, textual inversion.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help, cls_name, fn) in SAMPLERS.items():
+        cls = getattr(config, cls_name)
+        sp = sub.add_parser(name, help=help, description=help)
+        add_config_args(sp, cls)
+        sp.set_defaults(func=fn, config=cls)
+    sp = sub.add_parser("info", help="what a model is: family, prediction type, parameters, attention layers")
+    sp.add_argument("--model", default="shapes", help="a diffusers folder, a single-file checkpoint, or an embedded name")
+    sp.add_argument("--device", default="")
+    sp.add_argument("--dtype", default="")
+    sp.set_defaults(func=cmd_info, config=None)
+    for register in _extensions():
+        register(sub)
+    return p
+
+
+def _extensions():
+    """Commands that live with their room (pretraining, benchmarks, LoRA, textual inversion)."""
+    import importlib
+
+    found = []
+    for mod in ("sdknobs.shapes.pretrain", "sdknobs.shapes.bench"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        if hasattr(m, "register_cli"):
+            found.append(m.register_cli)
+    return found
+
+
+def _quiet_libraries():
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="sdknobs: %(levelname)s: %(message)s")
+    try:
+        _quiet_libraries()
+        cfg = config_from_args(args.config, args) if args.config is not None else args
+        args.func(cfg)
+    except SdknobsError as e:
+        print(f"sdknobs: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdknobs: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

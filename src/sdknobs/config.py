@@ -1,0 +1,120 @@
+"""Configs for the commands: dataclasses with help text and validation. The CLI builds its flags
+from these fields (`cli.add_config_args`), and the Python API takes the same names."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sdknobs.errors import SdknobsError
+from sdknobs.loop import SCHEDULERS
+
+
+def _f(default, help, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class SampleConfig:
+    """Options every sampling command shares."""
+
+    prompt: str = _f("", "what to draw")
+    negative_prompt: str = _f("", "what to steer away from (the unconditional branch of guidance)")
+    model: str = _f("shapes", "a diffusers folder, a single-file .safetensors checkpoint, or an embedded name (shapes)")
+    seed: int = _f(0, "random seed; the same seed and settings give the same picture")
+    steps: int = _f(30, "number of sampler steps (img2img runs int(steps * strength) of them)")
+    guidance: float = _f(7.5, "classifier-free guidance scale; 1.0 skips the unconditional pass")
+    scheduler: str = _f("ddim", f"sampler: {', '.join(SCHEDULERS)}")
+    width: int = _f(0, "output width in px, a multiple of 8 (0: the model's or the image's size)")
+    height: int = _f(0, "output height in px, a multiple of 8 (0: the model's or the image's size)")
+    batch: int = _f(1, "images per prompt")
+    out: str = _f("out/image.png", "output PNG path (with --batch N: NAME-0.png ... NAME-{N-1}.png)")
+    device: str = _f("", "cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    dtype: str = _f("", "fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise SdknobsError(f"--steps must be >= 1, got {self.steps}")
+        if self.batch < 1:
+            raise SdknobsError(f"--batch must be >= 1, got {self.batch}")
+        if self.guidance < 0:
+            raise SdknobsError(f"--guidance must be >= 0, got {self.guidance}")
+        if self.scheduler not in SCHEDULERS:
+            raise SdknobsError(f"--scheduler {self.scheduler!r} is not known; choose one of {', '.join(SCHEDULERS)}")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if v and (v < 0 or v % 8):
+                lo = max(8, v // 8 * 8)
+                near = sorted({lo, lo + 8}) if v > 8 else [8]
+                raise SdknobsError(f"--{name} {v} is not a multiple of 8; nearest valid: {' or '.join(map(str, near))}")
+
+    def sample_kwargs(self) -> dict:
+        return dict(negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.guidance,
+                    scheduler=self.scheduler, seed=self.seed, width=self.width or None,
+                    height=self.height or None, batch=self.batch)
+
+
+def _check_strength(s: float):
+    if not 0.0 <= s <= 1.0:
+        raise SdknobsError(f"--strength must be in [0, 1], got {s}")
+
+
+@dataclass
+class Img2ImgConfig(SampleConfig):
+    image: str = _f("", "input image (required)", required=True)
+    strength: float = _f(0.75, "how much to change: 0 returns the image, 1 ignores it (start step = steps - int(steps*strength))")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_strength(self.strength)
+
+
+@dataclass
+class InpaintConfig(SampleConfig):
+    image: str = _f("", "input image (required)", required=True)
+    mask: str = _f("", "mask image, white = repaint (required)", required=True)
+    strength: float = _f(1.0, "1 repaints the masked area from noise; lower keeps more of it")
+    mask_blur: float = _f(4.0, "Gaussian radius in px of the feathered paste-back (0 = hard edge)")
+    only_masked: bool = _f(False, "inpaint only the mask's bounding box (+ padding) at full resolution, then paste it back")
+    padding: int = _f(32, "padding in px around the mask for --only-masked")
+    resize_mask: bool = _f(False, "resize a mask whose size differs from the image instead of failing")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_strength(self.strength)
+        if self.mask_blur < 0:
+            raise SdknobsError(f"--mask-blur must be >= 0, got {self.mask_blur}")
+
+
+@dataclass
+class OutpaintConfig(SampleConfig):
+    image: str = _f("", "input image (required)", required=True)
+    left: int = _f(0, "px to add on the left")
+    right: int = _f(0, "px to add on the right")
+    top: int = _f(0, "px to add at the top")
+    bottom: int = _f(0, "px to add at the bottom")
+    overlap: int = _f(8, "px of the original, along each extended side, repainted too (hides the seam)")
+    fill: str = _f("edge", "how to fill the new area before inpainting: edge (repeat edge colours) or noise")
+    strength: float = _f(1.0, "denoising strength in the new area")
+    mask_blur: float = _f(4.0, "Gaussian radius in px of the feathered paste-back")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_strength(self.strength)
+        if min(self.left, self.right, self.top, self.bottom, self.overlap) < 0:
+            raise SdknobsError("--left/--right/--top/--bottom/--overlap must be >= 0")
+        if self.fill not in ("edge", "noise"):
+            raise SdknobsError(f"--fill {self.fill!r} is not known; choose edge or noise")
+
+
+@dataclass
+class SweepConfig(SampleConfig):
+    image: str = _f("", "input image (required)", required=True)
+    strengths: list = _f([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], "strengths across the grid", type=float)
+    seeds: list = _f([0, 1, 2], "seeds down the grid", type=int)
+    scale: int = _f(4, "upscale each cell this many times (nearest) so small images are visible")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for s in self.strengths:
+            _check_strength(s)
