@@ -17,14 +17,17 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def timed(fn, repeats):
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+def timed_pair(ours, ref, repeats):
+    """Median seconds of each, measured interleaved (ours, ref, ref, ours, ...) so that load from
+    other processes on the machine hits both sides alike."""
+    ours(), ref()  # warm-up
+    t_ours, t_ref = [], []
+    for i in range(repeats):
+        for fn, ts in ((ours, t_ours), (ref, t_ref))[:: 1 if i % 2 == 0 else -1]:
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return statistics.median(t_ours), statistics.median(t_ref)
 
 
 def main():
@@ -89,7 +92,7 @@ def main():
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, diffusers {diffusers.__version__}")
     print(f"{'task':<10} {'ours s':>8} {'diffusers s':>12} {'ours/diffusers':>15}")
     for name, (ours, ref) in tasks.items():
-        t_ours, t_ref = timed(ours, a.repeats), timed(ref, a.repeats)
+        t_ours, t_ref = timed_pair(ours, ref, a.repeats)
         print(f"{name:<10} {t_ours:>8.3f} {t_ref:>12.3f} {t_ours / t_ref:>14.2f}x")
 
 

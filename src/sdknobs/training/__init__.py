@@ -1,0 +1,9 @@
+"""Training building blocks shared by pretraining (shapes), LoRA and textual inversion.
+
+- `step.diffusion_loss`: the one denoising training step (noise -> t -> x_t -> U-Net -> MSE);
+- `checkpoint`: atomic save / load of a whole training state (weights, optimizer, step, RNGs);
+- `plots.loss_curve_png`: a loss curve drawn with PIL (no matplotlib).
+"""
+from sdknobs.training.step import StepTrace, compute_snr, diffusion_loss, make_noise_scheduler
+
+__all__ = ["StepTrace", "compute_snr", "diffusion_loss", "make_noise_scheduler"]
