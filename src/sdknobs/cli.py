@@ -167,24 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="")
     sp.add_argument("--dtype", default="")
     sp.set_defaults(func=cmd_info, config=None)
-    for register in _extensions():
-        register(sub)
+    from sdknobs.shapes import bench, pretrain
+
+    sp = sub.add_parser("pretrain", help="train the shapes model from scratch (VAE, then text encoder + U-Net)",
+                        description=pretrain.__doc__.splitlines()[0])
+    pretrain.build_parser(sp)
+    sp.set_defaults(func=cmd_pretrain, config=pretrain.PretrainConfig)
+    bench.register_cli(sub)
     return p
 
 
-def _extensions():
-    """Commands that live with their room (pretraining, benchmarks, LoRA, textual inversion)."""
-    import importlib
+def cmd_pretrain(cfg):
+    from sdknobs.shapes.pretrain import pretrain
 
-    found = []
-    for mod in ("sdknobs.shapes.pretrain", "sdknobs.shapes.bench"):
-        try:
-            m = importlib.import_module(mod)
-        except ImportError:
-            continue
-        if hasattr(m, "register_cli"):
-            found.append(m.register_cli)
-    return found
+    print(pretrain(cfg))
 
 
 def _quiet_libraries():
