@@ -106,3 +106,24 @@ def test_console_script_exit_code(tiny_dir, tmp_path):
     r = subprocess.run([str(exe), "generate", "--model", str(tiny_dir), "--prompt", "x", "--width", "30"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "nearest valid: 24 or 32" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_single_file_checkpoint_via_cli(capsys, tiny_dir, tiny, files, tmp_path):
+    """A single-file checkpoint loads with --model-config; one whose keys don't match is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    from sdknobs.single_file import save_single_file
+
+    good = save_single_file(tiny, tmp_path / "tiny.safetensors")
+    code, _, err = run(capsys, "generate", *common(good, files), "--model-config", tiny_dir)
+    assert code == 0, err
+    (files / "out" / "o.png").unlink()
+    code, _, err = run(capsys, "generate", *common(good, files))
+    assert code == 2 and "not a standard SD1.x" in err and "--model-config" in err
+    sd = load_file(good)
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    del sd[key]
+    save_file(sd, tmp_path / "broken.safetensors")
+    code, _, err = run(capsys, "generate", *common(tmp_path / "broken.safetensors", files), "--model-config", tiny_dir)
+    assert code == 2 and key in err and err.count("\n") == 1
+    assert list((files / "out").iterdir()) == []

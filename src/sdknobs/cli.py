@@ -57,7 +57,7 @@ def _write(result, out: str) -> None:
 def _model(cfg):
     from sdknobs.model import load_model
 
-    return load_model(cfg.model, device=cfg.device or None, dtype=cfg.dtype or None)
+    return load_model(cfg.model, device=cfg.device or None, dtype=cfg.dtype or None, config=cfg.model_config or None)
 
 
 def cmd_generate(cfg):

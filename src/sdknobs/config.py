@@ -21,6 +21,7 @@ class SampleConfig:
     prompt: str = _f("", "what to draw")
     negative_prompt: str = _f("", "what to steer away from (the unconditional branch of guidance)")
     model: str = _f("shapes", "a diffusers folder, a single-file .safetensors checkpoint, or an embedded name (shapes)")
+    model_config: str = _f("", "for a single-file checkpoint of another architecture: a diffusers folder with its configs")
     seed: int = _f(0, "random seed; the same seed and settings give the same picture")
     steps: int = _f(30, "number of sampler steps (img2img runs int(steps * strength) of them)")
     guidance: float = _f(7.5, "classifier-free guidance scale; 1.0 skips the unconditional pass")

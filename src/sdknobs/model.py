@@ -103,8 +103,12 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
     return dev, names[dtype]
 
 
-def load_model(model: str | Path = "shapes", device: str | None = None, dtype: str | None = None) -> Model:
-    """Load a model from a diffusers folder, a single-file checkpoint, or the embedded name."""
+def load_model(model: str | Path = "shapes", device: str | None = None, dtype: str | None = None,
+               config: str | Path | None = None) -> Model:
+    """Load a model from a diffusers folder, a single-file checkpoint, or the embedded name.
+
+    config: for a single file, a local diffusers folder whose configs describe its architecture
+    (default: detect SD1.x / SD2.x and use the configs shipped in the package)."""
     dev, dt = resolve_device_dtype(device, dtype)
     name = str(model)
     if name in EMBEDDED:
@@ -122,7 +126,7 @@ def load_model(model: str | Path = "shapes", device: str | None = None, dtype: s
         else:
             from sdknobs.single_file import load_single_file
 
-            m = load_single_file(path, dtype=dt)
+            m = load_single_file(path, dtype=dt, config=config)
     m.source = name
     if m.device != dev:
         m.to(dev)

@@ -148,7 +148,7 @@ def detect_family(shapes: Mapping, label: str = "checkpoint") -> str:
     if family is None or context != width:
         raise SdknobsError(
             f"{label}: not a standard SD1.x (CLIP, width 768) or SD2.x (OpenCLIP, width 1024) checkpoint: "
-            f"{emb} has shape {shapes.get(emb)} and {CONTEXT_KEY} {shapes.get(CONTEXT_KEY)}; pass config= a "
+            f"{emb} has shape {shapes.get(emb)} and {CONTEXT_KEY} {shapes.get(CONTEXT_KEY)}; pass config= (CLI: --model-config) a "
             f"local diffusers folder describing its architecture"
         )
     return family
