@@ -72,7 +72,7 @@ class PretrainConfig:
     heads: int = field(default=2, metadata={"help": "attention heads (text encoder and U-Net)"})
     prediction_type: str = field(default="epsilon", metadata={"help": "U-Net target: epsilon or v_prediction"})
     # --- stage 1: VAE ---
-    vae_steps: int = field(default=1200, metadata={"help": "VAE training steps"})
+    vae_steps: int = field(default=2000, metadata={"help": "VAE training steps"})
     vae_batch: int = field(default=32, metadata={"help": "VAE batch size (freshly rendered scenes every step)"})
     vae_lr: float = field(default=1e-3, metadata={"help": "VAE peak learning rate (AdamW)"})
     vae_warmup: int = field(default=50, metadata={"help": "VAE linear warmup steps"})
