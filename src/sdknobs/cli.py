@@ -19,7 +19,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = {"help": meta.get("help", ""), "dest": f.name}
+        kw = {"help": meta.get("help", "") + f" (default: {default})", "dest": f.name}
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
             kw["default"] = default
@@ -30,7 +30,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
         if meta.get("required"):
             kw["required"] = True
             kw.pop("default", None)
-        if f.name == "prompt" and cls.__name__ != "PretrainConfig":
+        if f.name == "prompt":
             kw["required"] = True
         parser.add_argument(flag, **kw)
 

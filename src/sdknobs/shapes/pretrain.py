@@ -702,15 +702,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    from sdknobs.cli import add_config_args
+
     parser = parser or argparse.ArgumentParser(prog="python -m sdknobs.shapes.pretrain", description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(PretrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "") + f" (default: {f.default})"
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            parser.add_argument(flag, dest=f.name, type=typ, default=f.default, help=help_)
+    add_config_args(parser, PretrainConfig)
     return parser
 
 
