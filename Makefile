@@ -23,7 +23,7 @@ test: env
 	$(BIN)/python -m pytest -q
 
 results: env
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/sdknobs bench quality --grid out/quality_samples.png
 
 bench: env
 	$(BIN)/python benchmarks/bench_inference.py
