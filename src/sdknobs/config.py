@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sdknobs.errors import SdknobsError
-from sdknobs.loop import SCHEDULERS
+from sdknobs.images import check_multiple
+from sdknobs.loop import SCHEDULERS, check_strength
 
 
 def _f(default, help, **kw):
@@ -43,11 +44,8 @@ class SampleConfig:
         if self.scheduler not in SCHEDULERS:
             raise SdknobsError(f"--scheduler {self.scheduler!r} is not known; choose one of {', '.join(SCHEDULERS)}")
         for name in ("width", "height"):
-            v = getattr(self, name)
-            if v and (v < 0 or v % 8):
-                lo = max(8, v // 8 * 8)
-                near = sorted({lo, lo + 8}) if v > 8 else [8]
-                raise SdknobsError(f"--{name} {v} is not a multiple of 8; nearest valid: {' or '.join(map(str, near))}")
+            if getattr(self, name):  # 0 = the model's or the image's own size
+                check_multiple(f"--{name}", getattr(self, name), 8)
 
     def sample_kwargs(self) -> dict:
         return dict(negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.guidance,
@@ -55,9 +53,7 @@ class SampleConfig:
                     height=self.height or None, batch=self.batch)
 
 
-def _check_strength(s: float):
-    if not 0.0 <= s <= 1.0:
-        raise SdknobsError(f"--strength must be in [0, 1], got {s}")
+
 
 
 @dataclass
@@ -67,7 +63,7 @@ class Img2ImgConfig(SampleConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_strength(self.strength)
+        check_strength(self.strength)
 
 
 @dataclass
@@ -82,7 +78,7 @@ class InpaintConfig(SampleConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_strength(self.strength)
+        check_strength(self.strength)
         if self.mask_blur < 0:
             raise SdknobsError(f"--mask-blur must be >= 0, got {self.mask_blur}")
 
@@ -101,7 +97,7 @@ class OutpaintConfig(SampleConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_strength(self.strength)
+        check_strength(self.strength)
         if min(self.left, self.right, self.top, self.bottom, self.overlap) < 0:
             raise SdknobsError("--left/--right/--top/--bottom/--overlap must be >= 0")
         if self.fill not in ("edge", "noise"):
@@ -118,4 +114,4 @@ class SweepConfig(SampleConfig):
     def __post_init__(self):
         super().__post_init__()
         for s in self.strengths:
-            _check_strength(s)
+            check_strength(s)

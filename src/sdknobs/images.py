@@ -24,13 +24,17 @@ def load_image(path: str | Path, what: str = "--image", mode: str = "RGB") -> Im
         raise SdknobsError(f"{what} {str(path)!r}: not a readable image ({e.__class__.__name__}: {e})") from e
 
 
+def check_multiple(name: str, v: int, multiple: int) -> None:
+    """A pixel size must be a positive multiple of `multiple`; the error names the nearest valid sizes."""
+    if v <= 0 or v % multiple:
+        lo = v // multiple * multiple
+        near = [n for n in (lo, lo + multiple) if n > 0]
+        raise SdknobsError(f"{name} {v} is not a multiple of {multiple}; nearest valid: {' or '.join(map(str, near))}")
+
+
 def check_size(width: int, height: int, multiple: int) -> None:
-    for name, v in (("--width", width), ("--height", height)):
-        if v <= 0 or v % multiple:
-            lo = max(multiple, v // multiple * multiple)
-            hi = lo + multiple if lo >= v else lo
-            near = sorted({lo, hi})
-            raise SdknobsError(f"{name} {v} is not a multiple of {multiple}; nearest valid: {' or '.join(map(str, near))}")
+    check_multiple("--width", width, multiple)
+    check_multiple("--height", height, multiple)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

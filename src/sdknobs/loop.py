@@ -42,10 +42,14 @@ def make_scheduler(name: str, config: dict):
     return getattr(diffusers, cls_name).from_config({**cfg, **overrides})
 
 
-def start_index(steps: int, strength: float) -> int:
-    """Index into the schedule where img2img starts: strength s runs int(steps * s) of `steps` steps."""
+def check_strength(strength: float) -> None:
     if not 0.0 <= strength <= 1.0:
         raise SdknobsError(f"--strength must be in [0, 1], got {strength}")
+
+
+def start_index(steps: int, strength: float) -> int:
+    """Index into the schedule where img2img starts: strength s runs int(steps * s) of `steps` steps."""
+    check_strength(strength)
     init = min(int(steps * strength), steps)
     return steps - init
 
