@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -654,7 +655,7 @@ Settings that differ from the PretrainConfig defaults: {json.dumps({k: v for k, 
         g = torch.Generator("cpu").manual_seed(cfg.seed)
         imgs = pipe(prompts, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance,
                     height=cfg.image_size, width=cfg.image_size, generator=g, output_type="pt").images
-        truth = torch.stack([torch.from_numpy(__import__("numpy").asarray(render(s, cfg.image_size))).permute(2, 0, 1)
+        truth = torch.stack([torch.from_numpy(np.array(render(s, cfg.image_size))).permute(2, 0, 1)
                              for s in scenes]).float() / 127.5 - 1
         cols = min(8, cfg.samples)
         rows = []
