@@ -110,8 +110,6 @@ def img2img(model, image, prompt, *, strength=0.75, negative_prompt="", steps=30
     kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, width=width, height=height, batch=batch)
     params = _params(model, prompt, negative_prompt, **kw, **{"Denoising strength": strength})
     if i0 == steps:  # strength 0 (or too small to run one step): the input, untouched
-        sched = make_scheduler(scheduler, model.scheduler_config)
-        sched.set_timesteps(steps)
         return Result([image.copy() for _ in range(batch)], params, StartInfo(steps, 0, 0.0, 1.0))
     latents, info = _run(model, prompt, negative_prompt, image=image, strength=strength,
                          callback=callback, progress=progress, **kw)

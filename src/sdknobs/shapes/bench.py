@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -79,6 +79,7 @@ class QualityReport:
     psnr: float
     baselines: dict
     n_images: int
+    images: list = field(default_factory=list, repr=False)  # the scored samples, in prompt order
 
     def lines(self) -> list[str]:
         out = [f"images scored: {self.n_images}"]
@@ -117,7 +118,7 @@ def quality(model, *, steps=30, guidance=3.0, n_single=150, n_two=60, n_baseline
             shapes = analyze(im).shapes
             found[getattr(shapes[0], attr) if shapes else "nothing"] += 1
         baselines[prompt] = {k: v / n_baseline for k, v in found.most_common()}
-    return QualityReport(single, two_both, vae_psnr(model), baselines, len(images) + n_baseline * len(BASELINE_PROMPTS))
+    return QualityReport(single, two_both, vae_psnr(model), baselines, len(images) + n_baseline * len(BASELINE_PROMPTS), images)
 
 
 def register_cli(sub) -> None:
@@ -145,7 +146,6 @@ def _cmd_quality(args) -> None:
     if args.grid:
         from sdknobs.images import grid, save_png
 
-        scenes = quality_scenes(args.n_single, args.n_two)
-        pics = sample(model, captions(scenes)[:40], steps=args.steps, guidance=args.guidance, progress=False)
+        pics = rep.images[:40]
         save_png(grid([pics[i : i + 8] for i in range(0, 40, 8)], scale=3), args.grid)
         print(args.grid)
