@@ -3,6 +3,10 @@ and settings, in one process, several repeats each. Prints median seconds and ou
 
   python benchmarks/bench_inference.py [--model shapes|FOLDER] [--steps 30] [--repeats 5]
 
+Three columns per task: ours with the eager U-Net (the default), ours with `jit=True` (the
+TorchScript-frozen U-Net of sdknobs.fast, timed after its one-off trace, whose cost is printed),
+and diffusers' pipeline.
+
 Without an embedded model (or with --model tiny) it builds the tiny random test model."""
 from __future__ import annotations
 
@@ -17,17 +21,23 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def timed_pair(ours, ref, repeats):
-    """Median seconds of each, measured interleaved (ours, ref, ref, ours, ...) so that load from
-    other processes on the machine hits both sides alike."""
-    ours(), ref()  # warm-up
-    t_ours, t_ref = [], []
+def timed(fns, repeats):
+    """Median seconds of each function, measured interleaved (a, b, c, c, b, a, ...) so that load
+    from other processes on the machine hits every side alike. One warm-up call each first (for
+    the --jit U-Net that is where the one-off trace happens; it is reported separately)."""
+    warm = []
+    for fn in fns:
+        t = time.perf_counter()
+        fn()
+        warm.append(time.perf_counter() - t)
+    times = [[] for _ in fns]
+    order = list(range(len(fns)))
     for i in range(repeats):
-        for fn, ts in ((ours, t_ours), (ref, t_ref))[:: 1 if i % 2 == 0 else -1]:
+        for k in (order if i % 2 == 0 else order[::-1]):
             t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-    return statistics.median(t_ours), statistics.median(t_ref)
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times], warm
 
 
 def main():
@@ -56,11 +66,12 @@ def main():
     path = a.model
     try:
         model = load_model(path) if path != "tiny" else None
+        jit_model = load_model(path, jit=True) if path != "tiny" else None
     except SdknobsError:
         model = None
     if model is None:
         path = str(write_tiny_model(tempfile.mkdtemp() + "/tiny"))
-        model = load_model(path)
+        model, jit_model = load_model(path), load_model(path, jit=True)
         print("(no embedded model: using the tiny random test model)")
     else:
         from sdknobs.model import EMBEDDED
@@ -81,19 +92,22 @@ def main():
     dkw = dict(num_inference_steps=a.steps, guidance_scale=a.guidance, num_images_per_prompt=a.batch)
     g = lambda: torch.Generator().manual_seed(0)
     tasks = {
-        "generate": (lambda: generate(model, prompt, **kw),
+        "generate": (lambda m: generate(m, prompt, **kw),
                      lambda: base(prompt, height=size, width=size, generator=g(), **dkw)),
-        "img2img": (lambda: img2img(model, image, prompt, strength=0.75, **kw),
+        "img2img": (lambda m: img2img(m, image, prompt, strength=0.75, **kw),
                     lambda: i2i(prompt, image=image, strength=0.75, generator=g(), **dkw)),
-        "inpaint": (lambda: inpaint(model, image, mask, prompt, **kw),
+        "inpaint": (lambda m: inpaint(m, image, mask, prompt, **kw),
                     lambda: inp(prompt, image=image, mask_image=mask, height=size, width=size, generator=g(), **dkw)),
     }
     print(f"model {a.model} ({size}x{size}), {a.steps} steps, batch {a.batch}, guidance {a.guidance}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, diffusers {diffusers.__version__}")
-    print(f"{'task':<10} {'ours s':>8} {'diffusers s':>12} {'ours/diffusers':>15}")
+    print("ours = eager U-Net (the default); ours --jit = TorchScript-frozen U-Net (load_model(jit=True)),"
+          " timed after its one-off trace")
+    print(f"{'task':<10} {'ours s':>8} {'ours --jit s':>13} {'diffusers s':>12} {'ours/diff':>10} {'--jit/diff':>11} {'1st call +s':>12}")
     for name, (ours, ref) in tasks.items():
-        t_ours, t_ref = timed_pair(ours, ref, a.repeats)
-        print(f"{name:<10} {t_ours:>8.3f} {t_ref:>12.3f} {t_ours / t_ref:>14.2f}x")
+        (t_ours, t_jit, t_ref), warm = timed([lambda: ours(model), lambda: ours(jit_model), ref], a.repeats)
+        print(f"{name:<10} {t_ours:>8.3f} {t_jit:>13.3f} {t_ref:>12.3f} {t_ours / t_ref:>9.2f}x "
+              f"{t_jit / t_ref:>10.2f}x {warm[1] - t_jit:>12.1f}")
 
 
 if __name__ == "__main__":

@@ -104,11 +104,13 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
 
 
 def load_model(model: str | Path = "shapes", device: str | None = None, dtype: str | None = None,
-               config: str | Path | None = None) -> Model:
+               config: str | Path | None = None, jit: bool = False) -> Model:
     """Load a model from a diffusers folder, a single-file checkpoint, or the embedded name.
 
     config: for a single file, a local diffusers folder whose configs describe its architecture
-    (default: detect SD1.x / SD2.x and use the configs shipped in the package)."""
+    (default: detect SD1.x / SD2.x and use the configs shipped in the package).
+    jit: sample with a TorchScript-frozen U-Net (`sdknobs.fast`): faster per step on CPU after a
+    one-off trace of a few seconds; worth it for many images in one process."""
     dev, dt = resolve_device_dtype(device, dtype)
     name = str(model)
     if name in EMBEDDED:
@@ -128,6 +130,7 @@ def load_model(model: str | Path = "shapes", device: str | None = None, dtype: s
 
             m = load_single_file(path, dtype=dt, config=config)
     m.source = name
+    m.extra["jit"] = bool(jit)
     if m.device != dev:
         m.to(dev)
     for module in m.components().values():

@@ -3,6 +3,7 @@ text, calls the one denoising loop (`loop.denoise`), decodes, and pastes back. S
 everywhere; the CLI mirrors them."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 from sdknobs import images as im
 from sdknobs.errors import SdknobsError
+from sdknobs.fast import sampling_unet
 from sdknobs.loop import SCHEDULERS, StartInfo, denoise, make_scheduler, start_index
 from sdknobs.text import encode_prompt
 
@@ -39,9 +41,34 @@ def _params(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed,
             prompt, negative_prompt or "", Steps=steps, Sampler=SCHEDULERS[scheduler][2], **{"CFG scale": guidance},
             Seed=seed, Size=f"{width}x{height}", Model=model.source or model.family,
             **{"Batch size": batch if batch > 1 else None, "Batch pos": i if batch > 1 else None}, **more,
+            **_lora_params(model),
         )
         for i in range(batch)
     ]
+
+
+def _lora_params(model) -> dict:
+    """A1111's 'Lora hashes' field, plus our specs (weights and windows), when LoRAs are applied."""
+    s = model.extra.get("lora")
+    if s is None or not s.entries:
+        return {}
+    return {"Lora hashes": f'"{s.a1111_hashes()}"', "Lora": f'"{s.describe()}"'}
+
+
+def _with_lora(fn):
+    """Adds `lora=[...]` (FILE[:WEIGHT][@WINDOW] strings) to a pipeline: those LoRAs are applied, on top of any
+    already applied to the model, for this call only."""
+
+    @functools.wraps(fn)
+    def call(model, *args, lora=None, **kwargs):
+        if not lora:
+            return fn(model, *args, **kwargs)
+        from sdknobs.lora.layers import applied
+
+        with applied(model, [lora] if isinstance(lora, str) else lora):
+            return fn(model, *args, **kwargs)
+
+    return call
 
 
 def encode_image(model, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
@@ -72,14 +99,21 @@ def _run(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, wi
         x0 = x0.expand(shape[0], -1, -1, -1)
     if lat_mask is not None and x0 is None:
         lat_mask = None  # full mask at strength 1: nothing is kept, so this is txt2img
-    latents, info = denoise(
-        model.unet, sched, emb.cond, emb.uncond, steps=steps, guidance=guidance, shape=shape,
-        generator=generator, x0=x0, strength=strength if image is not None else 1.0, mask=lat_mask,
-        callback=callback, progress=progress,
-    )
+    loras = model.extra.get("lora")  # LoRA timestep windows: adapters switched before each U-Net call
+    windows = loras.before_step if loras is not None and loras.has_windows else None
+    try:
+        latents, info = denoise(
+            sampling_unet(model), sched, emb.cond, emb.uncond, steps=steps, guidance=guidance, shape=shape,
+            generator=generator, x0=x0, strength=strength if image is not None else 1.0, mask=lat_mask,
+            callback=callback, progress=progress, before_step=windows,
+        )
+    finally:
+        if windows is not None:
+            loras.reset()
     return latents, info
 
 
+@_with_lora
 def generate(model, prompt, *, negative_prompt="", steps=30, guidance=7.5, scheduler="ddim", seed=0,
              width=None, height=None, batch=1, callback=None, progress=True) -> Result:
     """txt2img: the loop at strength 1 from pure noise."""
@@ -101,6 +135,7 @@ def _prepare_image(model, image, width, height, what="--image"):
     return image, width, height
 
 
+@_with_lora
 def img2img(model, image, prompt, *, strength=0.75, negative_prompt="", steps=30, guidance=7.5,
             scheduler="ddim", seed=0, width=None, height=None, batch=1, callback=None, progress=True) -> Result:
     """img2img: start from the image's latent noised to the start timestep that `strength` picks."""
@@ -118,6 +153,7 @@ def img2img(model, image, prompt, *, strength=0.75, negative_prompt="", steps=30
     return Result(pics, params, info)
 
 
+@_with_lora
 def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=4.0, only_masked=False, padding=32,
             resize_mask=False, negative_prompt="", steps=30, guidance=7.5, scheduler="ddim", seed=0,
             width=None, height=None, batch=1, callback=None, progress=True) -> Result:
@@ -163,6 +199,7 @@ def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=4.0, only_mas
     return Result([im.paste_back(image, r, mask, mask_blur) for r in raw], params, info, {"raw": raw})
 
 
+@_with_lora
 def outpaint(model, image, prompt, *, left=0, right=0, top=0, bottom=0, overlap=8, fill="edge",
              strength=1.0, mask_blur=4.0, **kwargs) -> Result:
     """Outpainting: inpainting on a canvas extended by the given pixels on each side."""
