@@ -84,6 +84,7 @@ class PretrainConfig:
     vae_styles: str = field(default="solid,striped,outline", metadata={"help": "shape styles the VAE trains on, comma-separated"})
     # --- stage 2: text encoder + U-Net ---
     unet_steps: int = field(default=3000, metadata={"help": "text encoder + U-Net training steps"})
+    unet_minutes: float = field(default=0.0, metadata={"help": "wall-clock budget for stage 2 (0 = none): after the first 100 steps, --unet-steps is lowered so the stage ends in about this time (the cosine schedule then follows the new total)"})
     unet_batch: int = field(default=64, metadata={"help": "U-Net batch size"})
     unet_lr: float = field(default=5e-4, metadata={"help": "U-Net peak learning rate (AdamW)"})
     text_lr: float = field(default=5e-4, metadata={"help": "text encoder peak learning rate (AdamW)"})
@@ -146,6 +147,7 @@ class PretrainConfig:
         need(0 <= self.caption_dropout < 1, f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         need(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         need(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        need(self.unet_minutes >= 0, f"--unet-minutes must be >= 0 (0 = no budget), got {self.unet_minutes}")
 
     @property
     def vae_channel_tuple(self) -> tuple[int, ...]:
@@ -193,8 +195,8 @@ def _grads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
+    # e <- e + (1 - decay) * (p - e), one fused call over all tensors (foreach: few kernel launches on GPU)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
 
 
 def _to_uint8_grid(images: torch.Tensor, cols: int, scale: int = 3):
@@ -507,7 +509,18 @@ class _Run:
         bar = _Progress(cfg.progress, cfg.unet_steps, start, "stage 2 U-Net")
         acc, n_acc, t0 = 0.0, 0, time.time()
         params = [p for g in opt.param_groups for p in g["params"]]
-        for step in range(start, cfg.unet_steps):
+        t_budget = time.time()
+        step = start
+        while step < cfg.unet_steps:
+            if cfg.unet_minutes and step == start + 100 and step < cfg.warmup_steps:
+                # fit the budget: measured rate x remaining time, fixed while still in warmup so the
+                # cosine part of the schedule is planned once with the final total
+                rate = 100 / (time.time() - t_budget)
+                fit = int(step + rate * (cfg.unet_minutes * 60 - (time.time() - t_budget)) * 0.9)
+                if fit < cfg.unet_steps:
+                    _log(f"stage 2: {rate:.1f} steps/s; --unet-minutes {cfg.unet_minutes:g} -> {fit} steps (was {cfg.unet_steps})")
+                    cfg.unet_steps = max(fit, cfg.warmup_steps + 1)
+                    bar.bar is not None and setattr(bar.bar, "total", cfg.unet_steps)
             f = lr_factor(step, cfg.unet_steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * f
@@ -550,6 +563,7 @@ class _Run:
                                 optimizers={"unet": opt}, generators={"unet": gen}, extra=self._extra("unet"))
                 prune_checkpoints(self.dir, "unet", cfg.keep_checkpoints)
                 self._plot()
+            step += 1
         bar.close()
         self.elapsed["unet"] += time.time() - t0
         self.used_ema = False
@@ -670,6 +684,8 @@ Settings that differ from the PretrainConfig defaults: {json.dumps({k: v for k, 
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) both stages and write the diffusers folder `cfg.out`; returns its path."""
     torch.set_num_threads(cfg.threads)
+    if cfg.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 range, ~10-bit mantissa, much faster
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     existing = list_checkpoints(run_dir)
