@@ -231,3 +231,21 @@ def test_config_validation():
     args = build_parser().parse_args(["--unet-steps", "7", "--no-progress", "--unet-lr", "1e-4"])
     cfg = PretrainConfig(**vars(args))
     assert cfg.unet_steps == 7 and cfg.progress is False and cfg.unet_lr == 1e-4
+
+
+def test_pretrain_token_ids_equal_the_tokenizer(tmp_path):
+    """The per-word token cache must give exactly the tokenizer's ids for every kind of caption."""
+    import random
+
+    from sdknobs.shapes.pretrain import PretrainConfig, _Run
+    from sdknobs.shapes.world import caption, sample_scene
+
+    cfg = PretrainConfig(run_dir=str(tmp_path), out=str(tmp_path / "m"), vae_channels="16,32,32",
+                         unet_channels="32,64", text_width=32, progress=False)
+    run = _Run(cfg)
+    rng = random.Random(3)
+    caps = [caption(sample_scene(rng), rng) for _ in range(300)] + ["", "A Red, circle!! 2 shapes", "x " * 90]
+    tok = run.model.tokenizer
+    want = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(run.tokens(caps), want)
+    assert torch.equal(run.tokens(caps), want)  # second time from the caches

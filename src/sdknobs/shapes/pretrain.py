@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import random
+import re
 import shlex
 import sys
 import time
@@ -48,6 +49,7 @@ from sdknobs.training.plots import loss_curve_png
 from sdknobs.training.step import diffusion_loss, make_noise_scheduler
 
 STAGES = ("vae", "unet")
+_PIECES = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+")  # CLIP's pre-tokenizer pieces, for lower-case ASCII captions
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -98,6 +100,7 @@ class PretrainConfig:
     noise_offset: float = field(default=0.0, metadata={"help": "offset-noise strength (0 = off)"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the trained weights (0 = no EMA)"})
     latent_pool: int = field(default=30000, metadata={"help": "scenes rendered and encoded once for stage 2"})
+    pool_p_two: float = field(default=0.3, metadata={"help": "fraction of two-shape scenes in the stage-2 pool (more teaches attribute binding)"})
     val_size: int = field(default=256, metadata={"help": "held-out scenes for validation (PSNR / denoising loss)"})
     # --- bookkeeping ---
     checkpoint_every: int = field(default=250, metadata={"help": "save a checkpoint every N steps (each stage)"})
@@ -144,6 +147,7 @@ class PretrainConfig:
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         for name in ("vae_kl_weight", "vae_mse_weight", "vae_edge_weight", "weight_decay", "grad_clip", "min_snr_gamma", "noise_offset", "guidance"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        need(0 <= self.pool_p_two <= 1, f"--pool-p-two must be in [0, 1], got {self.pool_p_two}")
         need(0 <= self.caption_dropout < 1, f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         need(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         need(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -259,6 +263,7 @@ class _Run:
         self.history: dict[str, list] = {"vae_loss": [], "vae_psnr": [], "unet_loss": [], "unet_val": [], "unet_val_ema": []}
         self.elapsed = {"vae": 0.0, "cache": 0.0, "unet": 0.0}
         self.token_cache: dict[str, torch.Tensor] = {}
+        self.word_cache: dict[str, list[int]] = {}
 
     # --- shared ---
     def _extra(self, stage: str) -> dict:
@@ -377,7 +382,8 @@ class _Run:
 
         chunk = 1000
         for i in range(0, self.cfg.latent_pool, chunk):
-            x, _, scenes = make_batch(min(chunk, self.cfg.latent_pool - i), _seed_for(self.cfg.seed, "pool", i), self.cfg.image_size)
+            x, _, scenes = make_batch(min(chunk, self.cfg.latent_pool - i), _seed_for(self.cfg.seed, "pool", i),
+                                      self.cfg.image_size, p_two=self.cfg.pool_p_two)
             yield x, scenes
 
     def build_cache(self) -> None:
@@ -388,7 +394,7 @@ class _Run:
         vae.eval().requires_grad_(False)
         t0 = time.time()
         path = self.dir / "latent_cache.safetensors"
-        key = json.dumps({k: getattr(cfg, k) for k in ("seed", "image_size", "vae_channels", "latent_pool", "vae_steps")}, sort_keys=True)
+        key = json.dumps({k: getattr(cfg, k) for k in ("seed", "image_size", "vae_channels", "latent_pool", "vae_steps", "pool_p_two")}, sort_keys=True)
         self.scenes = []
         cached = None
         if path.exists():
@@ -433,13 +439,28 @@ class _Run:
 
     # --- stage 2 ---
     def tokens(self, captions: list[str]) -> torch.Tensor:
+        """Token ids [B, 77] of captions, assembled from per-word ids. CLIP's BPE never merges across
+        its pre-tokenizer's pieces (runs of letters; runs of other non-space characters), and the
+        world's captions use few words, so caching those pieces gives the tokenizer's exact ids at a
+        fraction of its cost (the tokenizer was the bottleneck of large-batch GPU steps; a test checks
+        equality with the tokenizer)."""
         tok = self.model.tokenizer
-        missing = [c for c in dict.fromkeys(captions) if c not in self.token_cache]
-        if missing:
-            ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-            for c, row in zip(missing, ids):
-                self.token_cache[c] = row
-        return torch.stack([self.token_cache[c] for c in captions]).to(self.device)
+        n = tok.model_max_length
+        rows = []
+        for c in captions:
+            row = self.token_cache.get(c)
+            if row is None:
+                ids = [tok.bos_token_id]
+                for piece in _PIECES.findall(c.lower()):
+                    if piece not in self.word_cache:
+                        self.word_cache[piece] = tok(piece, add_special_tokens=False).input_ids
+                    ids += self.word_cache[piece]
+                ids = ids[: n - 1] + [tok.eos_token_id]
+                row = torch.tensor(ids + [tok.pad_token_id] * (n - len(ids)))
+                if len(self.token_cache) < 500_000:
+                    self.token_cache[c] = row
+            rows.append(row)
+        return torch.stack(rows).to(self.device)
 
     def unet_batch(self, step: int, gen: torch.Generator):
         """(scaled latents, captions) for one step: pool items, posterior samples, fresh captions."""
