@@ -660,8 +660,9 @@ trained on the striped and outline styles ({cfg.vae_styles}) so later style LoRA
   ({"EMA weights shipped" if getattr(self, "used_ema", False) else "raw weights shipped"}: lower
   validation loss). Final validation denoising MSE {getattr(self, "final_val", float("nan")):.4f}.
   Time {self.elapsed['unet'] / 60:.1f} min.
-- Total training time {total / 60:.1f} min on {platform.machine()} CPU ({os.cpu_count()} cores,
-  torch {torch.__version__} with {cfg.threads} threads, device {cfg.device}), {platform.platform()}.
+- Total training time {total / 60:.1f} min (stages resumed from checkpoints count the machine they ran
+  on); this run finished on device {cfg.device}{f" ({torch.cuda.get_device_name()})" if cfg.device.startswith("cuda") else ""},
+  {platform.machine()} host with {os.cpu_count()} cores, torch {torch.__version__}, {platform.platform()}.
 - Finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.
 
 ## Reproduce
