@@ -23,6 +23,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
             kw["default"] = default
+        elif isinstance(default, list) and meta.get("repeatable"):  # --flag A --flag B (or --flag A B) -> [A, B]
+            kw.update(action="extend", nargs="+", type=meta.get("type", str), default=default)
         elif isinstance(default, list):
             kw.update(nargs="+", type=meta.get("type", str), default=default)
         else:
@@ -57,7 +59,18 @@ def _write(result, out: str) -> None:
 def _model(cfg):
     from sdknobs.model import load_model
 
-    return load_model(cfg.model, device=cfg.device or None, dtype=cfg.dtype or None, config=cfg.model_config or None)
+    m = load_model(cfg.model, device=cfg.device or None, dtype=cfg.dtype or None, config=cfg.model_config or None,
+                   jit=getattr(cfg, "jit", False))
+    if getattr(cfg, "embedding", None):
+        from sdknobs.ti import load_embedding_arg
+
+        for arg in cfg.embedding:
+            load_embedding_arg(m, arg)
+    if getattr(cfg, "lora", None):
+        from sdknobs.lora.layers import apply_loras
+
+        apply_loras(m, cfg.lora)  # W + sum_i w_i (alpha_i/r_i) B_i A_i, windows switched per step
+    return m
 
 
 def cmd_generate(cfg):
@@ -174,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.build_parser(sp)
     sp.set_defaults(func=cmd_pretrain, config=pretrain.PretrainConfig)
     bench.register_cli(sub)
+    from sdknobs.ti import cli as ti_cli
+
+    ti_cli.register_cli(sub)
+    from sdknobs.lora import cli as lora_cli
+
+    lora_cli.register_cli(sub)
     return p
 
 

@@ -90,6 +90,7 @@ def denoise(
     mask: torch.Tensor | None = None,
     callback: Callable[[dict], None] | None = None,
     progress: bool = True,
+    before_step: Callable[[int, torch.Tensor, int], None] | None = None,
 ) -> tuple[torch.Tensor, StartInfo]:
     """Run the sampler and return the final latent (in U-Net space) and where it started.
 
@@ -98,6 +99,8 @@ def denoise(
     strength: 1.0 starts from pure noise (x0 then only serves the kept region of a mask).
     mask: [B or 1, 1, h, w] on the latent grid, 1 = repaint, 0 = keep x0.
     callback: called after every step with {"i", "t", "x", "steps"}.
+    before_step: called as before_step(i, t, steps) before each U-Net call, i counted in the full schedule
+      (LoRA timestep windows switch adapters here).
     """
     device, dtype = cond.device, cond.dtype
     timesteps, info = prepare_timesteps(scheduler, steps, strength, device)
@@ -116,6 +119,8 @@ def denoise(
     if "generator" in scheduler.step.__code__.co_varnames:
         extra["generator"] = generator
     for i, t in enumerate(tqdm(timesteps, desc="denoise", disable=not progress, leave=False)):
+        if before_step is not None:
+            before_step(info.index + i, t, steps)
         xin = x if uncond is None else torch.cat([x, x])
         xin = scheduler.scale_model_input(xin, t)
         pred = unet(xin, t, encoder_hidden_states=context, return_dict=False)[0]

@@ -4,6 +4,7 @@ everywhere; the CLI mirrors them."""
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +42,7 @@ def _params(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed,
             prompt, negative_prompt or "", Steps=steps, Sampler=SCHEDULERS[scheduler][2], **{"CFG scale": guidance},
             Seed=seed, Size=f"{width}x{height}", Model=model.source or model.family,
             **{"Batch size": batch if batch > 1 else None, "Batch pos": i if batch > 1 else None}, **more,
-            **_lora_params(model),
+            **_lora_params(model), **_ti_params(model),
         )
         for i in range(batch)
     ]
@@ -69,6 +70,29 @@ def _with_lora(fn):
             return fn(model, *args, **kwargs)
 
     return call
+
+
+def _with_embeddings(fn):
+    """Adds `embeddings=[...]` (textual-inversion files, or FILE=TOKEN) to a pipeline: each is loaded into the
+    model unless its token already is. They stay loaded: a new token changes no prompt that does not use it."""
+
+    @functools.wraps(fn)
+    def call(model, *args, embeddings=None, **kwargs):
+        if embeddings:
+            from sdknobs.ti import ensure_embeddings
+
+            ensure_embeddings(model, [embeddings] if isinstance(embeddings, (str, os.PathLike)) else embeddings)
+        return fn(model, *args, **kwargs)
+
+    return call
+
+
+def _ti_params(model) -> dict:
+    """A1111's 'TI hashes' field (token: first 12 hex digits of the file's sha256) when embeddings are loaded."""
+    from sdknobs.ti import file_hashes
+
+    h = file_hashes(model)
+    return {"TI hashes": f'"{h}"'} if h else {}
 
 
 def encode_image(model, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
@@ -113,6 +137,7 @@ def _run(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, wi
     return latents, info
 
 
+@_with_embeddings
 @_with_lora
 def generate(model, prompt, *, negative_prompt="", steps=30, guidance=7.5, scheduler="ddim", seed=0,
              width=None, height=None, batch=1, callback=None, progress=True) -> Result:
@@ -135,6 +160,7 @@ def _prepare_image(model, image, width, height, what="--image"):
     return image, width, height
 
 
+@_with_embeddings
 @_with_lora
 def img2img(model, image, prompt, *, strength=0.75, negative_prompt="", steps=30, guidance=7.5,
             scheduler="ddim", seed=0, width=None, height=None, batch=1, callback=None, progress=True) -> Result:
@@ -153,6 +179,7 @@ def img2img(model, image, prompt, *, strength=0.75, negative_prompt="", steps=30
     return Result(pics, params, info)
 
 
+@_with_embeddings
 @_with_lora
 def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=4.0, only_masked=False, padding=32,
             resize_mask=False, negative_prompt="", steps=30, guidance=7.5, scheduler="ddim", seed=0,
@@ -199,6 +226,7 @@ def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=4.0, only_mas
     return Result([im.paste_back(image, r, mask, mask_blur) for r in raw], params, info, {"raw": raw})
 
 
+@_with_embeddings
 @_with_lora
 def outpaint(model, image, prompt, *, left=0, right=0, top=0, bottom=0, overlap=8, fill="edge",
              strength=1.0, mask_blur=4.0, **kwargs) -> Result:

@@ -1,9 +1,13 @@
 """Text encoding: prompt -> CLIP token ids (77-token window) -> embeddings the U-Net attends to.
 
-Textual-inversion pseudo-tokens expand here (a token with N vectors becomes N tokens)."""
+Textual-inversion pseudo-tokens expand here: a token learned with N vectors lives in the vocabulary
+as N added tokens `<t>`, `<t>_1`, ..., `<t>_{N-1}` (diffusers' convention), and a prompt that says
+`<t>` is rewritten to `<t> <t>_1 ... <t>_{N-1}` before tokenizing, so each vector takes one slot of
+the window."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +22,34 @@ class PromptEmbeds:
     truncated: list[str]  # words dropped beyond the window, per prompt ("" when none)
 
 
+def pseudo_tokens(tokenizer) -> dict[str, list[str]]:
+    """Multi-vector pseudo-tokens in the tokenizer: {"<t>": ["<t>", "<t>_1", ...]} for every added
+    token `<t>` that has a `<t>_1` (single-vector tokens need no expansion and are left out)."""
+    added = tokenizer.added_tokens_encoder
+    out = {}
+    for tok in added:
+        if f"{tok}_1" in added and not re.search(r"_\d+$", tok):
+            names, i = [tok], 1
+            while f"{tok}_{i}" in added:
+                names.append(f"{tok}_{i}")
+                i += 1
+            out[tok] = names
+    return out
+
+
+def expand_prompt(tokenizer, prompt: str) -> str:
+    """`<t>` -> `<t> <t>_1 ... <t>_{N-1}` for each multi-vector pseudo-token (case-insensitive, as
+    CLIP lowercases prompts; an occurrence already followed by `_<digit>` is left alone)."""
+    for tok, names in pseudo_tokens(tokenizer).items():
+        expanded = " ".join(names)
+        prompt = re.sub(re.escape(tok) + r"(?!_\d)", lambda _: expanded, prompt, flags=re.IGNORECASE)
+    return prompt
+
+
 def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
-    """Token ids padded/cut to the model's window, and the text that did not fit, per prompt."""
+    """Token ids padded/cut to the model's window, and the text that did not fit, per prompt.
+    Pseudo-tokens are expanded first."""
+    prompts = [expand_prompt(tokenizer, p) for p in prompts]
     window = tokenizer.model_max_length
     ids = tokenizer(prompts, padding="max_length", max_length=window, truncation=True, return_tensors="pt").input_ids
     dropped = []
@@ -30,14 +60,22 @@ def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
     return ids, dropped
 
 
+def embed_text(model, prompts: list[str], *, warn: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """Text-encoder hidden states [B, 77, D] for prompts, with autograd (training needs gradients to
+    reach the token-embedding rows; sampling calls `encode_text`, which does not record them)."""
+    ids, dropped = tokenize(model.tokenizer, prompts)
+    if warn:
+        for p, d in zip(prompts, dropped):
+            if d:
+                log.warning("prompt is longer than the %d-token window; dropped: %r (from %r)",
+                            model.tokenizer.model_max_length, d, p)
+    emb = model.text_encoder(ids.to(model.text_encoder.device))[0]
+    return emb, dropped
+
+
 @torch.no_grad()
 def encode_text(model, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
-    ids, dropped = tokenize(model.tokenizer, prompts)
-    for p, d in zip(prompts, dropped):
-        if d:
-            log.warning("prompt is longer than the %d-token window; dropped: %r (from %r)",
-                        model.tokenizer.model_max_length, d, p)
-    emb = model.text_encoder(ids.to(model.device))[0]
+    emb, dropped = embed_text(model, prompts)
     return emb.to(model.dtype), dropped
 
 
