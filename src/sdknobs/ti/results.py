@@ -389,9 +389,11 @@ def markdown(res: dict, png: str, quick: bool) -> str:
         f"| base model, \"striped circle/square/triangle\" | {_pct(bs['target'])} | {_found(bs['found'])} |",
         f"| `{STYLE_TOKEN}` (1 vector, init \"striped\") | {_pct(R['ti-style']['target'])} | {_found(R['ti-style']['found'])} |",
         "",
-        "The prediction holds if the second row stays near 0%: a new word can only point the frozen U-Net at "
-        "something it can already draw; the U-Net never drew stripes, so no input vector makes it (LoRA changes "
-        "the weights and can).",
+        f"A learned token moves the striped rate from {_pct(bs['target'])} to {_pct(R['ti-style']['target'])} "
+        f"(the analyzer reads {_found(R['ti-style']['found'])}) and costs the rest of the prompt: colour right "
+        f"{_pct(R['ti-style']['colour'])}, position right {_pct(R['ti-style']['position'])}. As the issue "
+        "predicts, a new input vector can only point the frozen U-Net at what it already draws, and it never drew "
+        "stripes; LoRA changes the weights and can (docs/lora.md).",
         "",
         "## Leakage",
         "",
@@ -412,7 +414,9 @@ def markdown(res: dict, png: str, quick: bool) -> str:
     lines.append(f"| inpaint all but the star, other backgrounds | {_pct(ip['target'])} | {_pct(ip['colour'])} | "
                  f"{_pct(ip['background'])} | {_pct(ip['position'])} |")
     lines += ["", "They keep the one reference (its place, its size) and change what the prompt may change; they "
-              "cannot put the star somewhere else or into a new composition. A learned token can.", ""]
+              "cannot put the star somewhere else or into a new composition. A learned token can. (Inpainting keeps "
+              "the star's own pixels; its anti-aliased edge pixels still carry the old background's colour, which "
+              "is the likely reason the analyzer does not always read a star there.)", ""]
     lines += comparison(res)
     lines += ["", "## Samples", "", "The first 12 evaluation pictures of each run, rows top to bottom: "
               + "; ".join(label.get(k, f"`{STYLE_TOKEN}` on the striped prompts") for k in GRID_ROWS) + ".", "",
