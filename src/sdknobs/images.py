@@ -2,14 +2,13 @@
 feathered paste-back, outpaint canvases, grids, and PNGs that carry their parameters."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, PngImagePlugin
 
+from sdknobs.atomic import atomic_write
 from sdknobs.errors import SdknobsError
 
 
@@ -140,15 +139,7 @@ def save_png(image: Image.Image, path: str | Path, parameters: str | None = None
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def grid(cells: list[list[Image.Image]], labels: list[list[str]] | None = None, scale: int = 1,

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from sdknobs.atomic import save_safetensors
 from sdknobs.errors import SdknobsError
 from sdknobs.model import ASSETS, Model
 
@@ -385,8 +384,6 @@ def save_single_file(model: Model, path, text_layout: str | None = None) -> Path
     """Write `model` as one .safetensors in the original LDM layout (SD1.x text layout unless the model is
     SD2.x or was loaded from an OpenCLIP-layout file; `text_layout` "clip"/"open_clip" overrides).
     Written to a temporary name in the same folder, then renamed."""
-    from safetensors.torch import save_file
-
     path = Path(path).expanduser()
     if path.suffix.lower() != ".safetensors":
         raise SdknobsError(f"{path}: single-file checkpoints are written as .safetensors only")
@@ -397,15 +394,5 @@ def save_single_file(model: Model, path, text_layout: str | None = None) -> Path
     if layout == "open_clip":  # put back what loading set aside (SD2's unused last text layer)
         for k, v in model.extra.get("ldm_passthrough", {}).items():
             sd.setdefault(k, v)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     meta = {"format": "pt", "prediction_type": model.prediction_type, "sdknobs.family": model.family}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_safetensors(sd, path, meta, clone=False)  # no second copy of a multi-GB model

@@ -15,14 +15,13 @@ carries the final name.
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from sdknobs.atomic import atomic_write
 from sdknobs.errors import SdknobsError
 
 FORMATS = ("diffusers", "kohya", "a1111")
@@ -70,16 +69,7 @@ def default_filename(token: str, format: str) -> str:
 
 
 def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, write)
 
 
 def save_embedding(path: str | Path, token: str, vectors: torch.Tensor, *, format: str = "diffusers",

@@ -3,13 +3,12 @@ which weights exist and learn, how captions become text embeddings, and what is 
 optimizer step; the trainer owns everything else (data, loss, optimizer, checkpoints, validation)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from sdknobs.atomic import save_safetensors, write_text
 from sdknobs.errors import SdknobsError
 from sdknobs.training.data import Example
 
@@ -92,26 +91,11 @@ class ParamSubsetMethod(Method):
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> Path:
     """safetensors.save_file under a temporary name in the same folder, then rename into place."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, tmp,
-                  metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_safetensors(tensors, path, metadata)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def _named_parameters(model) -> dict[str, torch.nn.Parameter]:
