@@ -220,7 +220,7 @@ def test_results_script_smoke(tiny_dir, tmp_path):
     results(["--model", str(tiny_dir), "--out", str(tmp_path / "out"), "--docs", str(tmp_path / "docs"),
              "--n", "4", "--steps", "3", "--scale", "0.01"])
     page = (tmp_path / "docs" / "lora.md").read_text()
-    assert "| compose: style + subject" in page and "| overfit:" in page
+    assert "| compose: cross-attn style + subject" in page and "| overfit:" in page
     assert {p.name for p in (tmp_path / "docs" / "lora").iterdir()} >= {"subject.png", "style.png", "compose.png",
                                                                         "window.png", "overfit.png", "overfit_loss.png"}
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,7 +258,7 @@ def to_kohya(w: LoraWeights) -> dict[str, torch.Tensor]:
 
 def write_lora(w: LoraWeights, path: str | Path, fmt: str = "kohya", metadata: dict | None = None) -> Path:
     """Write `w` as .safetensors in `fmt` ("kohya" or "diffusers"), atomically."""
-    from safetensors.torch import save_file
+    from sdknobs.atomic import save_safetensors
 
     path = Path(path)
     if fmt not in FORMATS:
@@ -276,16 +274,7 @@ def write_lora(w: LoraWeights, path: str | Path, fmt: str = "kohya", metadata: d
         sd = _peft_state_dict(w)
         meta["lora_adapter_metadata"] = json.dumps(_diffusers_config(w), indent=2, sort_keys=True)
     meta.setdefault("format", "pt")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_safetensors(sd, path, meta)  # temporary name + rename: never half a file
 
 
 def _diffusers_config(w: LoraWeights) -> dict:

@@ -26,7 +26,8 @@ from sdknobs.lora.files import FORMATS, LoraWeights, write_lora
 from sdknobs.lora.layers import extract, inject, lora_layers, set_active
 from sdknobs.lora.targets import PRESETS, count_params, resolve_targets
 from sdknobs.training.data import seed_for
-from sdknobs.training.trainer import Method, TrainConfig, _f
+from sdknobs.training.method import Method
+from sdknobs.training.trainer import TrainConfig, _f
 
 ADAPTER = "trained"
 
