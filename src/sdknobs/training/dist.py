@@ -81,7 +81,7 @@ class _Dist:
             return
         if self.scaler:
             self.scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)  # one fused norm over all tensors, CPU too
 
     def step(self, opt):
         if self.scaler:
