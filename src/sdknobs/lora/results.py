@@ -19,6 +19,8 @@ ones (--fresh redoes them), so an interrupted run resumes.
 """
 from __future__ import annotations
 
+from sdknobs.atomic import write_text  # noqa: E402
+
 import argparse
 import itertools
 import json
@@ -359,6 +361,16 @@ def write_docs(res: dict, args) -> Path:
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1] if END in rest else ""
     page.write_text(head + START + "\n" + "\n".join(table(res, args)) + "\n" + END + tail)
+    # the figures beside the pictures (tracked), with the subject file's size, for other pages (TI's knob table)
+    keep = dict(res)
+    f = Path(args.out) / "subject.safetensors"
+    if f.exists() and "subject" in keep:
+        from sdknobs.lora.files import read_lora
+
+        w = read_lora(f)
+        keep["subject"] = {**keep["subject"], "params": w.num_params(), "file_bytes": f.stat().st_size,
+                           "rank": max(w.ranks()), "layers": len(w.layers)}
+    write_text(Path(args.docs) / "lora" / "results.json", json.dumps(keep, indent=1, sort_keys=True, default=str))
     return page
 
 
