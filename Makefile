@@ -24,9 +24,12 @@ test: env
 
 results: env
 	$(BIN)/sdknobs bench quality --grid out/quality_samples.png
+	$(BIN)/python -m sdknobs.lora.results    # ~10 min on 1 core: docs/lora.md, docs/lora/
+	$(BIN)/python -m sdknobs.ti.results      # ~8 min on 1 core: docs/textual_inversion.md
 
 bench: env
-	$(BIN)/python benchmarks/bench_inference.py
+	$(BIN)/python benchmarks/bench_inference.py --repeats 7
+	$(BIN)/python benchmarks/bench_lora_train.py --batch-sizes 1,4,16 --steps 40
 
 clean:
 	rm -rf $(VENV) out build *.egg-info src/*.egg-info

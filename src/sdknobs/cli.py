@@ -41,6 +41,24 @@ def config_from_args(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
+def add_train_args(sp: argparse.ArgumentParser, cls) -> None:
+    """Flags of a training config, plus DATA_DIR as an optional positional alternative to --data-dir."""
+    sp.add_argument("data", nargs="?", default="", metavar="DATA_DIR", help="folder of training images (or --data-dir)")
+    add_config_args(sp, cls)
+    for a in sp._actions:
+        if a.dest == "data_dir":
+            a.required = False
+            a.default = ""
+
+
+def train_config_from_args(cls, args: argparse.Namespace):
+    """The training config from parsed flags; DATA_DIR and --data-dir must not disagree."""
+    if args.data and args.data_dir and args.data != args.data_dir:
+        raise SdknobsError(f"two data folders given: DATA_DIR {args.data!r} and --data-dir {args.data_dir!r}")
+    args.data_dir = args.data or args.data_dir
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def _outputs(out: str, n: int) -> list[Path]:
     p = Path(out)
     if p.suffix.lower() != ".png":

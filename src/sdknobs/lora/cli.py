@@ -2,24 +2,18 @@
 Thin: parse, call the library, print."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from sdknobs.errors import SdknobsError
 
 
 def register_cli(sub) -> None:
-    from sdknobs.cli import add_config_args
+    from sdknobs.cli import add_train_args
     from sdknobs.lora.train import LoraTrainConfig
 
     def train_parser(parent, name, help):
         sp = parent.add_parser(name, help=help, description=help)
-        sp.add_argument("data", nargs="?", default="", metavar="DATA_DIR", help="folder of training images (or --data-dir)")
-        add_config_args(sp, LoraTrainConfig)
-        for a in sp._actions:  # DATA_DIR may be given positionally instead
-            if a.dest == "data_dir":
-                a.required = False
-                a.default = ""
+        add_train_args(sp, LoraTrainConfig)
         return sp
 
     train_parser(sub, "train-lora", "train a LoRA (style, or subject with --instance-token/--class-word) on a folder of "
@@ -69,12 +63,10 @@ def register_cli(sub) -> None:
 
 
 def _train_config(args):
+    from sdknobs.cli import train_config_from_args
     from sdknobs.lora.train import LoraTrainConfig
 
-    if args.data and args.data_dir and args.data != args.data_dir:
-        raise SdknobsError(f"two data folders given: DATA_DIR {args.data!r} and --data-dir {args.data_dir!r}")
-    args.data_dir = args.data or args.data_dir
-    return LoraTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LoraTrainConfig)})
+    return train_config_from_args(LoraTrainConfig, args)
 
 
 def cmd_train_lora(args) -> None:

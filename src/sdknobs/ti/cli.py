@@ -2,23 +2,17 @@
 Thin: parse, call the library, print."""
 from __future__ import annotations
 
-import dataclasses
 
 from sdknobs.errors import SdknobsError
 
 
 def register_cli(sub) -> None:
-    from sdknobs.cli import add_config_args
+    from sdknobs.cli import add_train_args
     from sdknobs.ti.train import TITrainConfig
 
     sp = sub.add_parser("train-ti", help="textual inversion: learn a new token's embedding rows (everything else frozen)",
                         description="Textual inversion: add TOKEN to the vocabulary and train only its new embedding rows.")
-    sp.add_argument("data", nargs="?", default="", metavar="DATA_DIR", help="folder of training images (or --data-dir)")
-    add_config_args(sp, TITrainConfig)
-    for a in sp._actions:  # DATA_DIR may be given positionally instead
-        if a.dest == "data_dir":
-            a.required = False
-            a.default = ""
+    add_train_args(sp, TITrainConfig)
     sp.set_defaults(func=cmd_train_ti, config=None)
 
     ti = sub.add_parser("ti", help="textual-inversion tools: verify, nearest, trace-step")
@@ -72,10 +66,9 @@ def _load(args):
 def cmd_train_ti(args) -> None:
     from sdknobs.ti.train import TITrainConfig, train_ti
 
-    if args.data and args.data_dir and args.data != args.data_dir:
-        raise SdknobsError(f"two data folders given: DATA_DIR {args.data!r} and --data-dir {args.data_dir!r}")
-    args.data_dir = args.data or args.data_dir
-    cfg = TITrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TITrainConfig)})
+    from sdknobs.cli import train_config_from_args
+
+    cfg = train_config_from_args(TITrainConfig, args)
     res, method = train_ti(cfg)
     print(f"token {cfg.token!r} ({cfg.vectors} vector(s), rows {method.ids}); use it with --embedding {res.out}")
     print(res.out)
