@@ -6,7 +6,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the test models are tiny, and on a shared 2-core machine a second OpenMP thread next to
+# another busy process spin-waits for its core (a tiny U-Net call went from 10 ms to 2 s).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -20,16 +20,6 @@ from sdknobs.lora.targets import count_params, rank_for_budget, resolve_targets
 PROMPT = "a small red circle on the left, white background"
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine an OpenMP team of 2
-    next to another busy process waits for its second core: a U-Net call goes from 10 ms to 2 s."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture
 def fresh(tiny_dir):
     """A model of its own (tests inject adapters; the session-wide `tiny` must stay clean)."""

@@ -19,16 +19,6 @@ from sdknobs.shapes import world
 from sdknobs.training.step import diffusion_loss, make_noise_scheduler
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine an OpenMP team of 2
-    next to another busy process waits for its second core: a U-Net call goes from 10 ms to 2 s."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return world.write_dataset(tmp_path_factory.mktemp("lora") / "stars", 4, seed=0, kinds=("star",))

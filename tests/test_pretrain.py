@@ -15,7 +15,6 @@ from sdknobs.training.checkpoint import latest_checkpoint, load_checkpoint, save
 from sdknobs.training.plots import loss_curve_png
 from sdknobs.training.step import diffusion_loss, make_noise_scheduler
 
-torch.set_num_threads(2)
 
 
 def _tiny_unet_batch(prediction_type="epsilon", seed=0):

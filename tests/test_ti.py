@@ -17,16 +17,6 @@ from sdknobs.ti.verify import verify, weight_hashes
 PROMPT = "a small red <my-shape> on the left, white background"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread for this module: on a shared 2-core machine two threads run many times slower
-    whenever another process is busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def model(tiny_dir):
     """A fresh copy for each test: these tests add tokens to the model."""

@@ -7,15 +7,6 @@ from sdknobs.cli import main
 from sdknobs.ti import read_embedding, save_embedding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread for this module (two run many times slower on a shared, busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run(capsys, *argv):
     code = main([str(a) for a in argv])
     cap = capsys.readouterr()

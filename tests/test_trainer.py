@@ -24,16 +24,6 @@ COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 160, 30), 
            "purple": (140, 40, 160)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: these models are tiny, and two OpenMP threads on a shared 2-core machine spin-wait
-    (measured: 3 steps took 10.7 s with 2 threads under load, 0.15 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 _BASE: dict[str, Model] = {}
 
 

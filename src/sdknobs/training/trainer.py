@@ -31,11 +31,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from sdknobs.config import _f  # config fields with help text (lora/ti import it from here)
 from sdknobs.errors import SdknobsError
 from sdknobs.training.checkpoint import STATE as STATE_FILE
 from sdknobs.training.checkpoint import (checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints,
@@ -51,12 +52,6 @@ LR_SCHEDULERS = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 VAL_TIMESTEPS = 4  # validation loss: each held-out image at t = (k + 1/2) T / 4, k = 0..3, fixed noise
 STAGE = "train"  # checkpoint folders are run_dir/ckpt-train-<step>
-
-
-def _f(default, help, **kw):
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
