@@ -10,11 +10,16 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import save_file
 
 from sdknobs import load_model
-from sdknobs.training.trainer import Method, TrainConfig, train
+from sdknobs.training.trainer import ParamSubsetMethod, TrainConfig, train
 
 
-class TinyLora(Method):
+class TinyLora(ParamSubsetMethod):
+    """Trains injected LoRA weights; parameters / state_dict / load_state_dict come from ParamSubsetMethod."""
+
     name = "tiny-lora"
+
+    def __init__(self):
+        super().__init__(["lora_"])
 
     def setup(self, model):
         # a different random LoRA init on each rank: the trainer must broadcast rank 0's weights
@@ -23,17 +28,6 @@ class TinyLora(Method):
                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]), model.unet)
         self.params = {n: p for n, p in model.unet.named_parameters() if "lora_" in n}
         self.start = {n: p.detach().clone() for n, p in self.params.items()}  # before the trainer's broadcast
-
-    def parameters(self):
-        return list(self.params.values())
-
-    def state_dict(self):
-        return {n: p.detach() for n, p in self.params.items()}
-
-    def load_state_dict(self, sd):
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(sd[n])
 
 
 def main(model_dir: str, data_dir: str, out_dir: str) -> None:
