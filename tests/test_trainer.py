@@ -160,6 +160,25 @@ def test_ti_style_row_training(data, tmp_path):
     assert tr.shapes()["encoder_hidden_states"] == (5, 77, 32) and tr.shapes()["latents"] == (5, 4, 8, 8)
 
 
+def test_traced_and_eager_unet_train_the_same_bits(data, tmp_path, monkeypatch):
+    """--jit (the default: the U-Net traced once, fast.TracedUNet) and --no-jit give identical weights and losses,
+    for U-Net weights and for an embedding row whose gradient comes back through the U-Net."""
+    traces = []
+    trace = torch.jit.trace
+    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: traces.append(1) or trace(*a, **k))
+    for name, method in (("subset", lambda: ParamSubsetMethod(["attn2.to_k", "attn1.to_v"])), ("row", lambda: RowMethod("red"))):
+        runs = []
+        for jit in (True, False):
+            m = method()
+            n = len(traces)
+            res = train(fresh(), m, _cfg(data, tmp_path / f"{name}-{jit}", steps=3, jit=jit, flip=True), log=_quiet)
+            assert len(traces) - n == (1 if jit else 0)  # one input shape: one trace, reused for 3 steps
+            runs.append((res.train_loss, m.state_dict()))
+        (loss_a, sd_a), (loss_b, sd_b) = runs
+        assert loss_a == loss_b
+        assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
 class Templated(ParamSubsetMethod):
     """Draws caption templates from the global RNG, as textual inversion does."""
 

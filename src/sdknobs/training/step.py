@@ -113,8 +113,8 @@ def diffusion_loss(
     # x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     noisy = scheduler.add_noise(latents, noise, timesteps)
 
-    # U-Net prediction, conditioned on t and the text
-    pred = unet(noisy, timesteps, encoder_hidden_states).sample
+    # U-Net prediction, conditioned on t and the text (`unet`: the diffusers U-Net or fast.TracedUNet)
+    pred = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
     # regression target: eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0
     if prediction_type == "epsilon":
