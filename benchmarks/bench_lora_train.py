@@ -6,7 +6,9 @@ step VAE encode -> noise -> text encoder -> U-Net -> MSE -> backward -> clip -> 
 
 Both train the same LoRA (same layers, rank, alpha, init, AdamW settings, batch, resolution, steps) on
 the same images. Ours differs by design: latents are cached (`--cache-latents`: the frozen VAE encodes
-each image once) and the frozen text encoder's output is cached per caption (LoraMethod.encode_text).
+each image once), the frozen text encoder's output is cached per caption (LoraMethod.encode_text), the
+U-Net is traced once per input shape (`--jit`, the default: fast.TracedUNet, same bits as eager, no
+Python per module) and AdamW is fused. The trace is recorded in the first step, which counts as setup.
 
   python benchmarks/bench_lora_train.py                          # shapes model, CPU, fp32, batch 4
   python benchmarks/bench_lora_train.py --batch-sizes 1,4 --steps 60 --threads 2

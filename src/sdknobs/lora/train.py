@@ -109,11 +109,9 @@ class LoraMethod(Method):
     def parameters(self):
         te = [p for k, p in self.params.items() if k.startswith("text_encoder.")]
         unet = [p for k, p in self.params.items() if k.startswith("unet.")]
-        # foreach: AdamW updates the ~100 small A/B tensors with a few batched kernels instead of a Python
-        # loop over them (torch's default on the GPU; on the CPU it is off unless a group asks)
-        groups = [{"params": unet, "foreach": True}]
+        groups = [{"params": unet}]  # (the trainer's AdamW is fused: one kernel for the ~100 small A/B tensors)
         if te:
-            groups.append({"params": te, "lr": self.cfg.text_encoder_lr or self.cfg.learning_rate, "foreach": True})
+            groups.append({"params": te, "lr": self.cfg.text_encoder_lr or self.cfg.learning_rate})
         return [g for g in groups if g["params"]]
 
     def caption(self, text: str, example) -> str:

@@ -215,9 +215,11 @@ class _Session:
         self.trainable_modules = [m for m in (model.unet, model.text_encoder) if any(id(p) in ids for p in m.parameters())]
         self.n_params = sum(p.numel() for p in self.params)
         dist.broadcast(self.params)  # every process starts from rank 0's weights (as DDP does)
-        # fused: one kernel per step for all tensors instead of ~10 ops per tensor (LoRA has ~100 small ones)
+        # fused: one kernel per step for all tensors instead of ~10 ops per tensor (LoRA has ~100 small
+        # ones); elsewhere foreach (a few batched ops), which torch enables by default only on the GPU
         fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in self.params)
-        self.opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+        self.opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                     fused=fused or None, foreach=None if fused else True)
         if dist.acc:
             self.opt = dist.acc.prepare_optimizer(self.opt)
         # diffusers' schedules; "constant" = constant after warmup
