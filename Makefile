@@ -29,7 +29,7 @@ results: env
 
 bench: env
 	$(BIN)/python benchmarks/bench_inference.py --repeats 7
-	$(BIN)/python benchmarks/bench_lora_train.py --batch-sizes 1,4,16 --steps 40
+	$(BIN)/python benchmarks/bench_lora_train.py --batch-sizes 1,4,16 --steps 40 --repeats 3
 
 clean:
 	rm -rf $(VENV) out build *.egg-info src/*.egg-info

@@ -28,6 +28,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -253,23 +254,40 @@ def run_window(r: Runner):
     r.done("window", out)
 
 
-def diversity(images) -> tuple[int, float]:
-    """Distinct (colour, size, position, background) readings, and mean pairwise pixel distance (0..1)."""
+def diversity(images, train_images=()) -> tuple[int, float, float]:
+    """Distinct (colour, size, position, background) readings, mean pairwise pixel distance (0..1), and mean
+    RMS pixel distance from each image to its nearest training picture (memorisation: falls to 0 for copies)."""
     from sdknobs.shapes.analyze import analyze
+
+    def flat(ims):
+        return np.stack([np.asarray(im, np.float32) / 255 for im in ims]).reshape(len(ims), -1)
 
     reps = [analyze(im) for im in images]
     found = {(x.shapes[0].colour, x.shapes[0].size, x.shapes[0].position, x.background) for x in reps if x.shapes}
-    x = np.stack([np.asarray(im, np.float32) / 255 for im in images]).reshape(len(images), -1)
+    x = flat(images)
     d = np.sqrt(((x[:, None] - x[None]) ** 2).mean(-1))
-    return len(found), float(d[np.triu_indices(len(images), 1)].mean())
+    near = float("nan")
+    if len(train_images):
+        y = flat(train_images)
+        near = float(np.sqrt(((x[:, None] - y[None]) ** 2).mean(-1)).min(1).mean())
+    return len(found), float(d[np.triu_indices(len(images), 1)].mean()), near
 
 
 def run_overfit(r: Runner):
+    from PIL import Image
+
+    from sdknobs.training.data import split_validation
+
     data = world.write_dataset(r.out / "data-overfit", 12, seed=3, kinds=(SUBJECT,), p_two=0)
+    for txt in data.glob("*.txt"):  # DreamBooth's setting: every picture has the one instance prompt "a sks shape"
+        txt.unlink()
+    pngs = sorted(data.glob("*.png"))
+    held = {e.path for e in split_validation([SimpleNamespace(path=str(p)) for p in pngs], 6, seed=0)[1]}
+    train_pics = [Image.open(p).convert("RGB") for p in pngs if str(p) not in held]  # the trainer's split (seed 0)
     m = r.model()
-    generic = ["a sks shape"] * 16
+    generic = ["a sks shape"] * 24
     stops = tuple(max(i, round(x * r.args.scale)) for i, x in enumerate((0, 150, 600, 3000)))
-    out = {"steps": [], "val_loss": [], "distinct": [], "pairwise": []}
+    out = {"steps": [], "val_loss": [], "distinct": [], "pairwise": [], "nearest_train": []}
     rows, titles = [], []
     for stop in stops:
         lora = []
@@ -281,14 +299,16 @@ def run_overfit(r: Runner):
             shutil.copy(path, r.out / f"overfit-{stop}.safetensors")
             lora = [str(r.out / f"overfit-{stop}.safetensors")]
         imgs = r.sample(m, generic, seed=7, lora=lora)
-        n, pair = diversity(imgs)
+        n, pair, near = diversity(imgs, train_pics)
         out["steps"].append(stop)
         out["distinct"].append(n)
         out["pairwise"].append(pair)
+        out["nearest_train"].append(near)
         rows.append(imgs[:10])
         titles.append(f"step {stop}")
     hist = json.loads((r.out / "overfit-run" / "history.json").read_text())
     out["val_loss"] = hist["val_loss"]
+    out["seeds"] = len(generic)
     shutil.copy(r.out / "overfit-run" / "loss_curve.png", r.docs / "lora" / "overfit_loss.png")
     r.grid("overfit", rows, titles)
     r.done("overfit", out)
@@ -345,11 +365,15 @@ def table(res: dict, args) -> list[str]:
         s = res["overfit"]
         v = s["val_loss"]
         best = min(v, key=lambda x: x[1])
-        L += [f"| overfit: 6 {SUBJECT} pictures (6 held out), r16, lr 5e-3, {s['steps'][-1]} steps | validation loss: start / "
+        n_seeds = s.get("seeds", 24)
+        L += [f"| overfit: 6 {SUBJECT} pictures (6 held out), all captioned \"a sks shape\", r16, lr 5e-3, "
+              f"{s['steps'][-1]} steps | validation loss: start / "
               f"lowest / end | {v[0][1]:.4f} | {best[1]:.4f} (step {best[0]}) / {v[-1][1]:.4f} | rises |",
-              "| | \"a sks shape\", 16 seeds: distinct scenes / mean pixel distance, at steps "
+              f"| | \"a sks shape\", {n_seeds} seeds: distinct scenes / mean pixel distance between samples, at steps "
               + ", ".join(map(str, s["steps"])) + " | " + f"{s['distinct'][0]} / {s['pairwise'][0]:.3f} | "
-              + ", ".join(f"{n} / {p:.3f}" for n, p in zip(s["distinct"][1:], s["pairwise"][1:])) + " | falls |"]
+              + ", ".join(f"{n} / {p:.3f}" for n, p in zip(s["distinct"][1:], s["pairwise"][1:])) + " | falls |",
+              "| | the same samples: mean pixel distance to the nearest training picture (copies: 0) | "
+              + f"{s['nearest_train'][0]:.3f} | " + ", ".join(f"{d:.3f}" for d in s["nearest_train"][1:]) + " | falls |"]
     return L
 
 
