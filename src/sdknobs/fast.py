@@ -96,8 +96,9 @@ class TracedUNet:
     """Training-time U-Net: `unet(x, t, encoder_hidden_states=c, return_dict=False)`, autograd intact.
 
     Holds one graph per (input shapes, dtypes, device, train/eval mode); a different shape (a last,
-    smaller batch) records another. Hooks on any module fall back to the eager U-Net (a trace would skip
-    them). Build it once per training run: adapter scales changed afterwards are not seen."""
+    smaller batch) records another. If any module has hooks when it is built, every call goes to the eager
+    U-Net (a trace would skip them). Build it once per training run, after the adapters and hooks are in
+    place: adapter scales, adapters or hooks changed afterwards are not seen."""
 
     def __init__(self, unet):
         self.unet = unet

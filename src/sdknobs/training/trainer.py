@@ -38,6 +38,7 @@ import torch
 
 from sdknobs.config import _f  # config fields with help text (lora/ti import it from here)
 from sdknobs.errors import SdknobsError
+from sdknobs.fast import training_unet
 from sdknobs.training.checkpoint import STATE as STATE_FILE
 from sdknobs.training.checkpoint import (checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints,
                                          save_checkpoint)
@@ -46,7 +47,6 @@ from sdknobs.training.dist import _Dist, accelerator_from_env  # noqa: F401  (re
 from sdknobs.training.method import (Method, ParamSubsetMethod, _atomic_write_text, _named_parameters,  # noqa: F401
                                      atomic_save_file)
 from sdknobs.training.plots import loss_curve_png
-from sdknobs.fast import training_unet
 from sdknobs.training.step import StepTrace, diffusion_loss, make_noise_scheduler
 
 LR_SCHEDULERS = ("constant", "cosine", "linear")
