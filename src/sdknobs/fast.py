@@ -45,6 +45,22 @@ class _Forward(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
 
 
+def _timestep(timestep, sample) -> torch.Tensor:
+    return timestep if torch.is_tensor(timestep) else torch.tensor(timestep, device=sample.device)
+
+
+def _inputs_key(x, t, c) -> tuple:
+    """What a recorded graph is specific to: its inputs' shapes, dtypes and device."""
+    return (tuple(x.shape), x.dtype, x.device, tuple(t.shape), t.dtype, tuple(c.shape), c.dtype)
+
+
+def _record(unet, x, t, c) -> torch.jit.ScriptModule:
+    """The U-Net's positional forward traced for these inputs (TorchScript, not frozen)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python branches on fixed shapes
+        return torch.jit.trace(_Forward(unet), (x.detach(), t, c.detach()), check_trace=False)
+
+
 def _dynamic(unet) -> bool:
     """True when a frozen graph could go stale between calls: adapter layers or hooks."""
     for mod in unet.modules():
@@ -61,22 +77,19 @@ class FrozenUNet:
         self.config = unet.config
         self.graphs: dict[tuple, torch.jit.ScriptModule] = {}
 
-    def _key(self, x, t, c) -> tuple:
-        # tensor._version counts in-place writes, so a merged LoRA or any weight edit forces a new graph
-        weights = tuple(p._version for p in self.unet.parameters())
-        return (tuple(x.shape), x.dtype, x.device, tuple(t.shape), t.dtype, tuple(c.shape), c.dtype, hash(weights))
-
     def __call__(self, sample, timestep, encoder_hidden_states, return_dict=False):
-        t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep, device=sample.device)
+        t = _timestep(timestep, sample)
         if _dynamic(self.unet):
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)
-        key = self._key(sample, t, encoder_hidden_states)
+        # tensor._version counts in-place writes, so a merged LoRA or any weight edit forces a new graph
+        weights = hash(tuple(p._version for p in self.unet.parameters()))
+        key = (*_inputs_key(sample, t, encoder_hidden_states), weights)
         graph = self.graphs.get(key)
         if graph is None:
             self.graphs.clear()  # one live graph: stale weights or shapes are dropped
             with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer warnings about Python branches on fixed shapes
-                traced = torch.jit.trace(_Forward(self.unet).eval(), (sample, t, encoder_hidden_states), check_trace=False)
+                traced = _record(self.unet.eval(), sample, t, encoder_hidden_states)
+                warnings.simplefilter("ignore")  # freeze/optimize_for_inference announce their deprecation
                 graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
             self.graphs[key] = graph
         return (graph(sample, t, encoder_hidden_states),)
@@ -109,16 +122,11 @@ class TracedUNet:
     def __call__(self, sample, timestep, encoder_hidden_states, return_dict=False):
         if self.hooked:
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)
-        t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep, device=sample.device)
-        c = encoder_hidden_states
-        key = (tuple(sample.shape), sample.dtype, sample.device, tuple(t.shape), t.dtype, tuple(c.shape), c.dtype,
-               self.unet.training, torch.is_autocast_enabled(sample.device.type))
+        t, c = _timestep(timestep, sample), encoder_hidden_states
+        key = (*_inputs_key(sample, t, c), self.unet.training, torch.is_autocast_enabled(sample.device.type))
         graph = self.graphs.get(key)
         if graph is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer warnings about Python branches on fixed shapes
-                graph = torch.jit.trace(_Forward(self.unet), (sample.detach(), t, c.detach()), check_trace=False)
-            self.graphs[key] = graph
+            graph = self.graphs[key] = _record(self.unet, sample, t, c)
         # optimizations off: no differentiable subgraphs with TorchScript's own gradient formulas, so the
         # backward pass is eager autograd over the recorded ops (same bits as the eager U-Net)
         with torch.jit.optimized_execution(False):
