@@ -36,8 +36,14 @@ def register_cli(sub) -> None:
     v.add_argument("--guidance", type=float, default=7.5)
     v.set_defaults(func=cmd_verify, config=None)
 
-    n = tsub.add_parser("nearest", help="top-k vocabulary tokens by cosine similarity for each learned vector")
-    common(n)
+    n = tsub.add_parser("nearest", help="top-k vocabulary tokens by cosine similarity for each learned vector, "
+                                        "or for any word (--word)")
+    n.add_argument("file", metavar="FILE", nargs="?", default="",
+                   help="embedding file (.safetensors diffusers/kohya, or A1111 .pt); not needed with --word")
+    n.add_argument("--token", default="", help="use this token instead of the one the file names")
+    common(n, with_file=False)
+    n.add_argument("--word", default="", help="a word of the vocabulary (one token): its row's neighbours and norm, "
+                                              "no embedding file needed")
     n.add_argument("--k", type=int, default=10, help="neighbours per vector")
     n.add_argument("--init-word", default="", help="compare with this word (default: the init word in the file's metadata)")
     n.set_defaults(func=cmd_nearest, config=None)
@@ -93,6 +99,15 @@ def cmd_nearest(args) -> None:
 
     if args.k < 1:
         raise SdknobsError(f"--k must be >= 1, got {args.k}")
+    if bool(args.file) == bool(args.word):
+        raise SdknobsError("ti nearest: give an embedding FILE or --word WORD (one of the two)")
+    if args.word:
+        from sdknobs.ti.nearest import word_neighbours
+
+        row = word_neighbours(_load(args), args.word, k=args.k)
+        print(f"word {args.word!r}: vocabulary row {row.extra['id']}")
+        print("\n".join(format_neighbours([row])))
+        return
     model = _load(args)
     emb = read_embedding(args.file, args.token or None)
     check_width(emb, model)

@@ -1,7 +1,8 @@
 """Where learned vectors lie among the vocabulary: for each vector v the top-k rows e_i of the
 original embedding matrix by cosine similarity cos(v, e_i) = v.e_i / (|v| |e_i|), and the init word's
 similarity and rank for comparison. A vector whose best cosine is well below 1 is a new point, not
-a copy of any existing word."""
+a copy of any existing word. `word_neighbours` does the same for any single-token word of the
+vocabulary (its own row left out), so the table can be explored before anything is trained."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -65,3 +66,27 @@ def format_neighbours(rows: list[Neighbours]) -> list[str]:
         if n.init_word:
             lines.append(f"  init word {n.init_word!r}: cos {n.init_cosine:+.4f}, rank {n.init_rank}")
     return lines
+
+
+@torch.no_grad()
+def word_neighbours(model, word: str, *, k: int = 10) -> Neighbours:
+    """Top-k vocabulary neighbours by cosine of the row of `word` (one token; otherwise the error says how
+    it splits), the word's own row left out. Pseudo-tokens loaded into the model count as words too."""
+    from sdknobs.errors import SdknobsError
+    from sdknobs.ti.tokens import embedding_matrix
+
+    tok = model.tokenizer
+    added = {t.lower(): i for t, i in tok.added_tokens_encoder.items() if i not in tok.all_special_ids}
+    wid = added.get(word.lower())
+    if wid is None:
+        ids = tok(word, add_special_tokens=False).input_ids if word.strip() else []
+        if len(ids) != 1:
+            pieces = " + ".join(p.replace("</w>", "") for p in tok.tokenize(word)) or "nothing"
+            raise SdknobsError(f"--word {word!r} is {len(ids)} tokens ({pieces}); a word's row is one token: "
+                               f"give a single-token word, or one of the pieces")
+        wid = ids[0]
+    v = embedding_matrix(model).detach()[wid].float().cpu()[None]
+    n = nearest(model, v, [word], k=k + 1)[0]
+    n.top = [row for row in n.top if row[1] != wid][:k]
+    n.extra["id"] = wid
+    return n
