@@ -72,7 +72,13 @@ def test_resize_shorter_side_then_centre_crop(tmp_path):
     ("missing", "no such folder"),
     ("empty", "no images found"),
     ("no_caption", "has no caption; expected a caption file img1.txt next to it"),
-    ("unreadable", "is not a readable image"),
+    ("unreadable", "not a readable image"),
+    ("file", "is a file; expected a folder of images"),
+    ("txt_binary", "img1.txt' is not a text file (control byte 0x00 at byte offset 3)"),
+    ("txt_latin1", "img1.txt' is not UTF-8 text (byte 0xe9 at byte offset 3)"),
+    ("meta_binary", "metadata.jsonl' is not a text file (control byte 0x00 at byte offset 1)"),
+    ("meta_latin1", "metadata.jsonl' is not UTF-8 text (byte 0xe9 at byte offset 2)"),
+    ("jsonl_twice", "lines 1 and 2 both caption 'img0.png'"),
     ("bad_json", "metadata.jsonl line 2: not valid JSON"),
     ("bad_keys", 'metadata.jsonl line 1: expected an object with string keys "file_name" and "text"'),
     ("jsonl_missing", 'has no caption; expected a line {"file_name": "img2.png", "text": ...}'),
@@ -80,19 +86,28 @@ def test_resize_shorter_side_then_centre_crop(tmp_path):
 ])
 def test_read_folder_errors(tmp_path, case, expected):
     d = tmp_path / "data"
-    if case != "missing":
+    if case == "file":
+        d.write_text("not a folder")
+    elif case != "missing":
         d.mkdir()
     if case == "empty":
         (d / "notes.txt").write_text("no images here")
     if case in ("no_caption", "unreadable"):
         _kohya(d, 2)
         (d / "img1.txt").unlink() if case == "no_caption" else (d / "img1.png").write_bytes(b"not a png")
+    if case.startswith("txt_"):
+        _kohya(d, 2)
+        (d / "img1.txt").write_bytes(b"a r\x00d" if case.endswith("binary") else "a r\u00e9d".encode("latin-1"))
+    if case.startswith("meta_"):
+        _kohya(d, 2)
+        (d / "metadata.jsonl").write_bytes(b"{\x00" if case.endswith("binary") else '{"\u00e9'.encode("latin-1"))
     if case.startswith(("bad_", "jsonl_")):
         _kohya(d, 3)
         good = json.dumps({"file_name": "img0.png", "text": "t"})
         rows = {"bad_json": [good, "{oops"], "bad_keys": ['{"file": "img0.png"}'],
                 "jsonl_missing": [good, json.dumps({"file_name": "img1.png", "text": "t"})],
-                "jsonl_unknown": [good, json.dumps({"file_name": "nope.png", "text": "t"})]}[case]
+                "jsonl_unknown": [good, json.dumps({"file_name": "nope.png", "text": "t"})],
+                "jsonl_twice": [good, good]}[case]
         (d / "metadata.jsonl").write_text("\n".join(rows))
     with pytest.raises(SdknobsError, match="--data-dir") as e:
         read_folder(d, resolution=32)

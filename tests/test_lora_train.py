@@ -59,7 +59,7 @@ def test_training_lowers_loss_and_changes_only_lora(tiny_dir, data, tmp_path):
     assert set(w.layers) == set(trained.layers)
     assert all(torch.equal(w.layers[k].up, trained.layers[k].up) for k in w.layers)
     meta = w.metadata
-    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"
+    assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 4.0
     assert meta["modelspec.trigger_phrase"] == "sks shape" and len(meta["ss_new_sd_model_hash"]) == 64
     assert meta["ss_resolution"] == "(32, 32)" and meta["sdknobs.steps"] == "30"
     # removing the adapter leaves every base weight bit-identical to before training

@@ -4,6 +4,9 @@ A folder holds images (png, jpg, jpeg, webp, bmp) and their captions, either
 - one `<name>.txt` next to each `<name>.<ext>` (kohya's convention), or
 - one `metadata.jsonl` with lines {"file_name": "a.png", "text": "a red circle"} (diffusers' ImageFolder).
 If `metadata.jsonl` exists it is the only source of captions (stray .txt files are ignored).
+Caption files must be UTF-8 text (a BOM is allowed): a binary or otherwise encoded one is an error naming
+the file and the byte offset. Images are read with `images.load_image` (EXIF orientation, 16-bit, palette
+and alpha converted); the folder's memory at `resolution` is estimated before any is read.
 
 Images are resized so the shorter side equals `resolution` (Lanczos), then centre-cropped (or, with
 center_crop=False, cropped at the top-left) to resolution x resolution, and scaled to [-1, 1].
@@ -15,6 +18,7 @@ every process of a multi-process run draws different items of the same global ba
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +29,7 @@ import torch
 from PIL import Image
 
 from sdknobs.errors import SdknobsError
+from sdknobs.images import load_image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
@@ -49,11 +54,7 @@ def seed_for(seed: int, *parts) -> int:
 
 def load_training_image(path: Path, resolution: int, center_crop: bool = True, what: str = "training") -> torch.Tensor:
     """Read an image file -> [3, resolution, resolution] float in [-1, 1] (shorter side resized, then cropped)."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-    except Exception as e:  # PIL raises several exception types for unreadable files
-        raise SdknobsError(f"{what}: image {str(path)!r} is not a readable image ({e.__class__.__name__}: {e})") from e
+    im = load_image(path, f"{what}: image")
     w, h = im.size
     s = resolution / min(w, h)
     nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
@@ -65,10 +66,35 @@ def load_training_image(path: Path, resolution: int, center_crop: bool = True, w
     return torch.from_numpy(a).permute(2, 0, 1).contiguous()
 
 
+def read_text(path: Path, what: str) -> str:
+    """A caption file's text, or SdknobsError naming the file and the byte offset of what is not UTF-8 text."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SdknobsError(f"{what}: cannot read {str(path)!r}: {e.strerror or e}") from e
+    bad = next((i for i, b in enumerate(raw) if b < 32 and b not in (9, 10, 13)), None)  # NUL and other controls
+    if bad is not None:
+        raise SdknobsError(f"{what}: {str(path)!r} is not a text file (control byte 0x{raw[bad]:02x} at byte offset "
+                           f"{bad}); captions must be UTF-8 text")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SdknobsError(f"{what}: {str(path)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset "
+                           f"{e.start}); save it as UTF-8") from e
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _read_jsonl(folder: Path, what: str) -> dict[str, str]:
     path = folder / METADATA
     captions: dict[str, str] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    seen: dict[str, int] = {}
+    for n, line in enumerate(read_text(path, what).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -79,6 +105,10 @@ def _read_jsonl(folder: Path, what: str) -> dict[str, str]:
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("text"), str):
             raise SdknobsError(f'{what}: {path} line {n}: expected an object with string keys "file_name" and "text", '
                                f"got {line.strip()[:80]!r}")
+        if row["file_name"] in seen:
+            raise SdknobsError(f"{what}: {path} lines {seen[row['file_name']]} and {n} both caption "
+                               f"{row['file_name']!r}; keep one")
+        seen[row["file_name"]] = n
         captions[row["file_name"]] = row["text"].strip()
     return captions
 
@@ -95,10 +125,19 @@ def read_folder(data_dir: str | Path, *, resolution: int, center_crop: bool = Tr
     if not str(data_dir):
         raise SdknobsError(f"{what} is required: a folder of images with captions")
     if not folder.is_dir():
-        raise SdknobsError(f"{what} {str(data_dir)!r}: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        raise SdknobsError(f"{what} {str(data_dir)!r}: " + ("is a file; expected a folder of images" if folder.exists()
+                                                           else "no such folder"))
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    except OSError as e:
+        raise SdknobsError(f"{what} {str(data_dir)!r}: cannot list the folder: {e.strerror or e}") from e
     if not files:
         raise SdknobsError(f"{what} {str(data_dir)!r}: no images found (looked for {', '.join(IMAGE_EXTS)})")
+    need, avail = len(files) * 3 * resolution**2 * 4, _available_memory()  # float32 [3, res, res] per image
+    if avail is not None and need > 0.8 * avail:
+        raise SdknobsError(f"{what}: {len(files)} images at resolution {resolution} need about {need / 2**30:.1f} GiB "
+                           f"of memory, more than the {avail / 2**30:.1f} GiB available; lower --resolution or use "
+                           f"fewer images")
     jsonl = (folder / METADATA).exists()
     captions = _read_jsonl(folder, what) if jsonl else {}
     if jsonl:
@@ -113,7 +152,7 @@ def read_folder(data_dir: str | Path, *, resolution: int, center_crop: bool = Tr
             expected = f'a line {{"file_name": "{p.name}", "text": ...}} in {folder / METADATA}'
         else:
             txt = p.with_suffix(".txt")
-            caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else None
+            caption = read_text(txt, what).strip() if txt.is_file() else None
             expected = f"a caption file {txt.name} next to it (or a {METADATA})"
         if caption is None:
             if require_captions:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from sdknobs.atomic import atomic_write
+
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127)]
 
@@ -47,8 +49,6 @@ def loss_curve_png(
 
     `log_y` plots log10(value) (non-positive values are dropped); `smooth_window` applies a trailing
     moving average before drawing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     W, H = size
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
@@ -72,8 +72,7 @@ def loss_curve_png(
     d.rectangle([x0, y0, x1, y1], outline="black")
     if not prepared:
         d.text((x0 + 10, y0 + 10), "no data", fill="black", font=font)
-        img.save(path)
-        return path
+        return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
     allx = [x for p in prepared.values() for x, _ in p]
     ally = [y for p in prepared.values() for _, y in p]
@@ -116,5 +115,4 @@ def loss_curve_png(
         ly = y0 + 8 + 14 * k
         d.line([x1 - 150, ly + 6, x1 - 130, ly + 6], fill=colour, width=3)
         d.text((x1 - 125, ly), name, fill="black", font=font)
-    img.save(path)
-    return path
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,20 +41,22 @@ import torch
 from sdknobs.config import _f  # config fields with help text (lora/ti import it from here)
 from sdknobs.errors import SdknobsError
 from sdknobs.fast import training_unet
-from sdknobs.training.checkpoint import STATE as STATE_FILE
-from sdknobs.training.checkpoint import (checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                                         save_checkpoint)
+from sdknobs.training.checkpoint import NonFiniteWeights, load_checkpoint, nonfinite, remove_stale
 from sdknobs.training.data import CaptionedDataset, Example, read_folder, seed_for, split_validation
 from sdknobs.training.dist import _Dist, accelerator_from_env  # noqa: F401  (re-exported)
 from sdknobs.training.method import (Method, ParamSubsetMethod, _atomic_write_text, _named_parameters,  # noqa: F401
                                      atomic_save_file)
 from sdknobs.training.plots import loss_curve_png
+from sdknobs.training.runs import (DeferredInterrupt, Keeper, check_file, check_folder, check_numbers, clear,
+                                   resume_point)
 from sdknobs.training.step import StepTrace, diffusion_loss, make_noise_scheduler
 
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 VAL_TIMESTEPS = 4  # validation loss: each held-out image at t = (k + 1/2) T / 4, k = 0..3, fixed noise
 STAGE = "train"  # checkpoint folders are run_dir/ckpt-train-<step>
+MAX_RESOLUTION = 4096
+METHOD_NAMES = {"lora": "a LoRA (train-lora)", "ti": "a textual-inversion (train-ti)"}
 
 
 @dataclass
@@ -91,7 +95,9 @@ class TrainConfig:
     prior_loss_weight: float = _f(1.0, "weight of the class images' loss (prior preservation)")
     checkpoint_every: int = _f(100, "save a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept in --run-dir (older ones deleted; 0 = keep all)")
-    resume: bool = _f(False, "continue from the newest checkpoint in --run-dir")
+    resume: bool = _f(False, "continue from the newest whole checkpoint in --run-dir (a broken one is skipped)")
+    overwrite: bool = _f(False, "replace an existing --out file, and start again from scratch over the checkpoints "
+                                "of an earlier run in --run-dir (they are deleted)")
     validate_every: int = _f(100, "validation every N steps, and at the start and the end (0 = off)")
     validation_prompts: list = _f([], "prompts for the validation image grid (none: no grid)")
     validation_split: int = _f(0, "images held out of training for the validation loss")
@@ -106,6 +112,7 @@ class TrainConfig:
                 raise SdknobsError(msg)
 
         need(bool(self.data_dir), "--data-dir is required: a folder of images with captions")
+        check_numbers(self)
         need(bool(self.out), "--out is required: the file to write")
         need(self.mixed_precision in MIXED_PRECISION, f"--mixed-precision {self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}")
         need(self.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler {self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}")
@@ -116,6 +123,7 @@ class TrainConfig:
                      "prior_loss_weight", "validation_guidance"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         need(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
+        need(self.resolution <= MAX_RESOLUTION, f"--resolution {self.resolution} is above {MAX_RESOLUTION}")
         need(0 <= self.caption_dropout < 1, f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         need(self.resolution % 8 == 0, f"--resolution {self.resolution} is not a multiple of 8")
         need(all(isinstance(p, str) for p in self.validation_prompts), "--validation-prompts must be strings")
@@ -373,40 +381,77 @@ _RESUME_KEYS = ("data_dir", "class_data_dir", "seed", "batch_size", "grad_accum"
                 "caption_dropout", "validation_split", "cache_latents")
 
 
+def _check_resume(ckpt: Path, state: dict, method: Method, cfg: TrainConfig) -> bool:
+    """The checkpoint must come from the same kind of run with the same data stream; True if it names the
+    same --out (which --resume may then replace)."""
+    old = state["extra"].get("config", {})
+    kind = state["extra"].get("method") or ("ti" if "token" in old else "lora" if "rank" in old else method.name)
+    if kind != method.name:
+        raise SdknobsError(f"--resume: {str(ckpt)!r} is {METHOD_NAMES.get(kind, repr(kind))} checkpoint, but this run "
+                           f"trains {METHOD_NAMES.get(method.name, repr(method.name))}; give the --run-dir of a "
+                           f"{method.name} run, or a new one")
+    for k in _RESUME_KEYS:  # the settings that decide the data stream must not change under a resume
+        if old.get(k) != getattr(cfg, k):
+            raise SdknobsError(f"--resume: --{k.replace('_', '-')} was {old.get(k)!r} in {ckpt}, now "
+                               f"{getattr(cfg, k)!r}; use the same value or another --run-dir")
+    if state["step"] > cfg.steps:
+        raise SdknobsError(f"--resume: {ckpt.name} is at step {state['step']}, beyond --steps {cfg.steps}")
+    return Path(str(old.get("out", ""))).absolute() == Path(cfg.out).absolute()
+
+
+def _set_base_lrs(sched, base: list[float]) -> bool:
+    """After loading a scheduler's state: the peak learning rates of this session's flags, not the checkpoint's
+    (so a run stopped by a non-finite loss goes on with a lower --learning-rate). True if they changed."""
+    if list(sched.base_lrs) == base:
+        return False
+    sched.base_lrs = list(base)
+    for g, lam, b in zip(sched.optimizer.param_groups, sched.lr_lambdas, base):
+        g["initial_lr"], g["lr"] = b, b * lam(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+    return True
+
+
 def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=print) -> TrainResult:
     """Train `method`'s parameters on `model` (frozen otherwise) and write `cfg.out`; see the module docstring.
 
+    Everything is checked before the run folder is created (paths, resume source, data, method setup).
     With an `accelerator`, its device and mixed_precision win over cfg.device / cfg.mixed_precision."""
     t_start = time.time()
     dist = _Dist(accelerator, cfg, model)
     run_dir = cfg.run_path
-    ckpt = latest_checkpoint(run_dir, STAGE)
-    if ckpt is not None and not cfg.resume:
-        raise SdknobsError(f"--run-dir {str(run_dir)!r} already holds checkpoints ({ckpt.name}); pass --resume to "
-                           f"continue, or choose another --run-dir")
+    early: list[str] = []  # warnings from before the run folder (and its log) exist
+    check_folder(run_dir, "--run-dir")
+    found = resume_point(run_dir, (STAGE,), cfg.resume, cfg.overwrite, cfg.out, early.append)
+    _, ckpt, ckpt_data = found or (None, None, None)
+    same_out = ckpt is not None and _check_resume(ckpt, ckpt_data[1], method, cfg)
+    check_file(cfg.out, "--out", overwrite=cfg.overwrite or same_out)
+    rng_state = torch.get_rng_state()
+    s = _Session(model, method, cfg, dist)  # reads and checks the data; the method checks its own settings
     if dist.main:
+        if cfg.overwrite:
+            clear(run_dir, (STAGE,))
+        remove_stale(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    def say(msg: str) -> None:
+    def say(msg: str, warn: bool = False) -> None:
         if dist.main:
             line = f"[{method.name} {time.strftime('%H:%M:%S')}] {msg}"
             with open(run_dir / "train.log", "a") as f:
                 f.write(line + "\n")
-            log(line)
+            print(f"sdknobs: {msg}", file=sys.stderr, flush=True) if warn else log(line)
 
-    if ckpt is not None:  # the settings that decide the data stream must not change under a resume
-        old = torch.load(ckpt / STATE_FILE, weights_only=True)["extra"]["config"]
-        for k in _RESUME_KEYS:
-            if old.get(k) != getattr(cfg, k):
-                raise SdknobsError(f"--resume: --{k.replace('_', '-')} was {old.get(k)!r} in {ckpt}, now "
-                                   f"{getattr(cfg, k)!r}; use the same value or another --run-dir")
-    rng_state = torch.get_rng_state()
-    s = _Session(model, method, cfg, dist)
+    for msg in early:
+        say(msg, warn=True)
     hist: dict[str, list] = {"train_loss": [], "val_loss": [], "grids": []}
     start = 0
     if ckpt is not None:
-        state = load_checkpoint(ckpt, modules={"method": _MethodState(method)}, optimizers={"opt": s.opt}, restore_rng=False)
+        base_lrs = list(s.sched.base_lrs)
+        state = load_checkpoint(ckpt, modules={"method": _MethodState(method)}, optimizers={"opt": s.opt},
+                                restore_rng=False, data=ckpt_data)
         s.sched.load_state_dict(state["extra"]["scheduler"])
+        if _set_base_lrs(s.sched, base_lrs):
+            say(f"--resume: peak learning rate(s) now {', '.join(f'{b:g}' for b in base_lrs)} (the checkpoint's: "
+                f"{', '.join(f'{b:g}' for b in state['extra']['scheduler']['base_lrs'])})")
         if state["extra"].get("scaler") and dist.scaler_obj() is not None:
             dist.scaler_obj().load_state_dict(state["extra"]["scaler"])
         hist = {k: [tuple(x) if isinstance(x, list) else x for x in v] for k, v in state["extra"]["history"].items()}
@@ -414,6 +459,8 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
         say(f"resumed from {ckpt} at step {start}")
     say(f"{len(s.data.examples)} training images x {cfg.repeats} repeats, {len(s.data.class_examples)} class images, "
         f"{len(s.val_ex)} held out; {s.n_params:,} trainable parameters; {dist.world} process(es) on {dist.device}")
+    keeper = Keeper(run_dir, STAGE, cfg.keep_checkpoints, resumed=ckpt)
+    lr_flag = f"--learning-rate (now {cfg.learning_rate:g})"
 
     def validate(step: int) -> None:
         if dist.main:
@@ -427,13 +474,14 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
         dist.barrier()
 
     def checkpoint(step: int) -> None:
+        bad = nonfinite(method.state_dict())  # on every process (the same weights everywhere), before any waits
+        if bad is not None:
+            raise NonFiniteWeights(f"weight {bad!r} holds NaN or inf")
         if dist.main:
             scaler = dist.scaler_obj()
-            save_checkpoint(run_dir / checkpoint_name(STAGE, step), step=step, modules={"method": _MethodState(method)},
-                            optimizers={"opt": s.opt},
-                            extra={"config": dataclasses.asdict(cfg), "scheduler": s.sched.state_dict(),
-                                   "history": hist, "scaler": scaler.state_dict() if scaler is not None else {}})
-            prune_checkpoints(run_dir, STAGE, cfg.keep_checkpoints)
+            keeper.save(step, modules={"method": _MethodState(method)}, optimizers={"opt": s.opt},
+                        extra={"method": method.name, "config": dataclasses.asdict(cfg), "scheduler": s.sched.state_dict(),
+                               "history": hist, "scaler": scaler.state_dict() if scaler is not None else {}})
         dist.barrier()
 
     validating = cfg.validate_every and (s.val_ex or cfg.validation_prompts)
@@ -442,26 +490,41 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {method.name}", disable=not (cfg.progress and dist.main),
                dynamic_ncols=True, mininterval=1.0)
     s.train_mode(True)
+    done = start
     try:
-        if validating and start == 0:
-            validate(0)
-        for step in range(start, cfg.steps):
-            loss = s.optimizer_step(step)
-            done = step + 1
-            if loss != loss or abs(loss) == float("inf"):
-                raise SdknobsError(f"the training loss became {loss} at step {done}: lower --learning-rate, "
-                                   f"or train with --mixed-precision no/bf16")
-            hist["train_loss"].append((done, loss))
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{s.sched.get_last_lr()[0]:.2e}", refresh=False)
-            bar.update(1)
-            if validating and (done % cfg.validate_every == 0 or done == cfg.steps):
-                validate(done)
-            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
-                checkpoint(done)
+        with DeferredInterrupt(enabled=dist.world == 1) as stop:
+            if validating and start == 0:
+                validate(0)
+            for step in range(start, cfg.steps):
+                if stop.requested:
+                    break
+                loss = s.optimizer_step(step)
+                done = step + 1
+                if not math.isfinite(loss):
+                    raise keeper.nonfinite(f"the training loss became {loss} at step {done}", lr_flag)
+                keeper.finite_step()
+                hist["train_loss"].append((done, loss))
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{s.sched.get_last_lr()[0]:.2e}", refresh=False)
+                bar.update(1)
+                if validating and (done % cfg.validate_every == 0 or done == cfg.steps):
+                    validate(done)
+                if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+                    checkpoint(done)
+            if stop.requested:
+                say(keeper.interrupted(done, checkpoint), warn=True)
+                raise KeyboardInterrupt
+    except NonFiniteWeights as e:
+        raise keeper.nonfinite(f"the weights became non-finite at step {done} ({e})", lr_flag) from None
+    except KeyboardInterrupt:
+        if not stop.requested:  # a second Ctrl-C, or one outside the main thread: nothing saved now
+            say(keeper.interrupted(done), warn=True)
+        raise
     finally:
         bar.close()
         s.close()
         torch.set_rng_state(rng_state)
+    if dist.main:
+        keeper.finish()
 
     out = Path(cfg.out)
     seconds = time.time() - t_start
