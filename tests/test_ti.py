@@ -118,7 +118,7 @@ def test_verify_reports_bit_identical(model, tmp_path):
         verify(load_model(model.source), path, prompts=["a <my-shape>"], steps=1)
 
 
-@pytest.mark.parametrize("fmt,name", [("diffusers", "learned_embeds.safetensors"), ("kohya", "my-shape.safetensors"),
+@pytest.mark.parametrize("fmt,name", [("diffusers", "my-shape.safetensors"), ("kohya", "my-shape.safetensors"),
                                       ("a1111", "my-shape.pt")])
 def test_file_round_trips(tmp_path, fmt, name):
     v = torch.randn(3, 32)
@@ -200,7 +200,7 @@ def test_config_errors(tmp_path):
                     ({"format": "a1111", "out": "x.safetensors"}, "written as a .pt")]:
         with pytest.raises(SdknobsError, match=re.escape(msg)):
             TITrainConfig(**{"data_dir": "d", "out": "e.safetensors", "token": "<t>", "init_word": "shape", **kw})
-    assert TITrainConfig(data_dir="d", token="<t>", init="random").out.endswith("ti-t/learned_embeds.safetensors")
+    assert TITrainConfig(data_dir="d", token="<t>", init="random").out.endswith("ti-t/t.safetensors")
 
 
 def test_multi_vector_prompts_and_pipelines(model, tmp_path, photo, half_mask):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,28 +78,69 @@ def _fail(path, msg):
     raise SdknobsError(f"LoRA file {path}: {msg}")
 
 
+def _list(keys, n: int = 4) -> str:
+    keys = sorted(keys)
+    return ", ".join(map(repr, keys[:n])) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def model_file_name(source) -> str:
+    """What a shared file says about its base model: the embedded name, or the file/folder name only
+    (kohya stores the file name; a full path would publish the trainer's home folder)."""
+    s = str(source or "")
+    return s if "/" not in s and "\\" not in s else Path(s.rstrip("/\\")).name
+
+
 # --- reading ---------------------------------------------------------------------------------------
 
-def read_lora(path: str | Path) -> LoraWeights:
-    """Read a kohya, diffusers or peft LoRA .safetensors file (format detected from its keys)."""
+def _open(path: Path) -> tuple[dict, dict]:
+    """Tensors and metadata of a .safetensors LoRA, or an SdknobsError saying what the path is instead."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(path)
+    from sdknobs.training.checkpoint import STATE, WEIGHTS
+
+    if path.is_dir():
+        if (path / WEIGHTS).is_file() and (path / STATE).is_file():
+            _fail(path, f"is a training checkpoint folder ({WEIGHTS} + {STATE}, for --resume), not a LoRA file; "
+                        f"the LoRA is the .safetensors file the run wrote at --out")
+        _fail(path, "is a folder; expected a LoRA .safetensors file")
     if not path.is_file():
         raise SdknobsError(f"--lora {str(path)!r}: no such file")
     if path.suffix != ".safetensors":
-        _fail(path, "only .safetensors LoRA files are read (pickled .pt/.bin files can run code)")
+        what = "a training checkpoint's state (optimizer, RNG), not a LoRA" if path.name == STATE else \
+            "pickled .pt/.bin/.ckpt LoRA files can run code when loaded, so they are not read"
+        _fail(path, f"expected a .safetensors file; {what}")
     try:
         sd = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a broken file
-        _fail(path, f"not a readable safetensors file ({str(e).splitlines()[0]})")
+        _fail(path, f"not a readable safetensors file, truncated or of another kind ({str(e).splitlines()[0]})")
     if not sd:
         _fail(path, "holds no tensors")
+    slashed = [k for k in sd if "/" in k]
+    if slashed:
+        _fail(path, f"keys like {slashed[0]!r} ('<module>/<parameter>') are a training checkpoint's weights "
+                    f"({WEIGHTS}), not a LoRA file; the LoRA is the .safetensors file the run wrote at --out")
+    return sd, meta
+
+
+def read_lora(path: str | Path, model=None) -> LoraWeights:
+    """Read a kohya, diffusers or peft LoRA .safetensors file (format detected from its keys), check its
+    architecture and every tensor (float, finite, rank >= 1, up/down shapes that agree). `model` only
+    makes messages name the model the file was meant for."""
+    from sdknobs.lora.keys import SUPPORTED, detect_architecture
+
+    path = Path(path)
+    sd, meta = _open(path)
+    family, evidence = detect_architecture(list(sd), meta)
+    if not family.supported:
+        mine = f"the model {model.source!r} is {model.family}" if model is not None else \
+            f"this tool loads {SUPPORTED} models"
+        _fail(path, f"is a LoRA for {family.name} ({evidence}); {mine}, so its layers have other names and "
+                    f"shapes; use it with a {family.name} tool")
     keys = list(sd)
-    if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+    if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
         w = _read_kohya(path, sd)
     elif any(".lora_A." in k or ".lora_B." in k or ".lora.down." in k or "_lora.down." in k
              or ".lora_linear_layer." in k for k in keys):
@@ -105,12 +148,45 @@ def read_lora(path: str | Path) -> LoraWeights:
     else:
         bad = next(k for k in keys if not k.startswith(("lora_unet_", "lora_te")))
         _fail(path, f"key {bad!r} is neither kohya (lora_unet_/lora_te_...) nor diffusers/peft (...lora_A/lora_B)")
+    for layer, f in w.layers.items():
+        _check_factors(path, w.key_in_file(layer), f)
     w.metadata, w.path = meta, str(path)
     return w
 
 
+def _check_factors(path, key: str, f: LoraFactors) -> None:
+    """What every peer needs: float finite factors, A [r, in(, k, k)] and B [out, r(, 1, 1)] with one r >= 1."""
+    for part, t in (("lora_down (A)", f.down), ("lora_up (B)", f.up)):
+        if not t.is_floating_point():
+            _fail(path, f"{key}: {part} holds {t.dtype} values; LoRA factors must be floating point "
+                        f"(float32, float16 or bfloat16)")
+        if t.ndim not in (2, 4):
+            _fail(path, f"{key}: {part} has shape {tuple(t.shape)}; expected 2 dimensions (Linear) or 4 (Conv2d)")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            _fail(path, f"{key}: {part} has {bad} NaN/inf value(s) of {t.numel()}; expected finite numbers")
+    r = f.down.shape[0]
+    if r < 1:
+        _fail(path, f"{key}: rank 0 (lora_down has shape {tuple(f.down.shape)}); expected rank >= 1")
+    want = f"[out, {r}]" if f.down.ndim == 2 else f"[out, {r}, 1, 1]"
+    if f.up.ndim != f.down.ndim or f.up.shape[1] != r or (f.up.ndim == 4 and tuple(f.up.shape[2:]) != (1, 1)):
+        _fail(path, f"{key}: lora_up has shape {tuple(f.up.shape)} but lora_down {tuple(f.down.shape)} "
+                    f"(rank {r}); expected lora_up {want}")
+    if not math.isfinite(f.alpha) or f.alpha == 0:
+        _fail(path, f"{key}: alpha is {f.alpha}; expected a finite non-zero number (kohya reads alpha 0 as "
+                    f"the rank, ComfyUI and A1111 as scale 0)")
+
+
+def _alpha(path, name: str, t) -> float:
+    if t.numel() != 1:
+        _fail(path, f"{name}.alpha has shape {tuple(t.shape)}; expected one number")
+    return float(t.item())
+
+
 def _read_kohya(path, sd) -> LoraWeights:
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+
+    from sdknobs.lora.keys import KOHYA_TE, KOHYA_UNET, UNET_MODULE
 
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
@@ -118,9 +194,13 @@ def _read_kohya(path, sd) -> LoraWeights:
         if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
             _fail(path, f"key {k!r} is not a LoRA down/up/alpha weight (LyCORIS LoHa/LoKr, DoRA and bias "
                         f"keys are not supported)")
-        if name.startswith("lora_te2_"):
-            _fail(path, f"key {k!r} is for SDXL's second text encoder, which SD1/SD2 models do not have")
         groups.setdefault(name, {})[suffix] = v
+    unknown = [n for n in groups if not (KOHYA_UNET.match(n) or KOHYA_TE.match(n))]
+    if unknown:
+        _fail(path, f"{len(unknown)} layer name(s) {_list(unknown)} are no LoRA-able layer of an SD1.x/SD2.x "
+                    f"U-Net or CLIP text encoder (expected lora_unet_<diffusers module path with _>, e.g. "
+                    f"lora_unet_mid_block_attentions_0_proj_in, or lora_te_text_model_encoder_layers_N_"
+                    f"self_attn_q_proj/k/v/out_proj or _mlp_fc1/fc2)")
     pairs, origin = {}, {}
     for name, g in groups.items():
         for part in ("lora_down.weight", "lora_up.weight"):
@@ -140,6 +220,10 @@ def _read_kohya(path, sd) -> LoraWeights:
         for k, v in _to_peft(component, part).items():
             module, ab = _split_peft_key(path, k)
             name = origin[id(v)]
+            prefix = "lora_unet_" if component == "unet" else name[: name.index("_text_model") + 1]
+            if prefix + module.replace(".", "_") != name or (component == "unet" and not UNET_MODULE.match(module)):
+                _fail(path, f"key {name + '.lora_down.weight'!r} was converted to {component} layer {module!r}, "
+                            f"which does not name it back; refusing to guess")
             layer = f"{component}.{module}"
             first = out.source_keys.setdefault(layer, f"{name}.lora_down.weight")
             if first.split(".")[0] != name:  # two kohya names for one layer: refuse rather than keep one
@@ -150,7 +234,7 @@ def _read_kohya(path, sd) -> LoraWeights:
             else:
                 f.up = v
             g = groups[name]
-            f.alpha = float(g["alpha"].item()) if "alpha" in g else float(g["lora_down.weight"].shape[0])
+            f.alpha = _alpha(path, name, g["alpha"]) if "alpha" in g else float(g["lora_down.weight"].shape[0])
             out.layers[layer] = f
     return out
 
@@ -176,14 +260,41 @@ def _split_peft_key(path, key: str) -> tuple[str, str]:
     _fail(path, f"key {key!r} is not a lora_A/lora_B weight (bias and DoRA keys are not supported)")
 
 
+def _peft_components(path, tensors: dict) -> dict[str, dict]:
+    """Split peft keys by component: 'unet.' / 'text_encoder.' prefixes, or (bare peft files) by the module
+    names: CLIP's with or without text_model. (transformers 5 saves adapters without it), else the U-Net's."""
+    from sdknobs.lora.keys import component_of_module
+
+    parts = {"unet": {}, "text_encoder": {}}
+    unknown = []
+    for k, v in tensors.items():
+        comp, _, rest = k.partition(".")
+        if comp in parts:
+            parts[comp][rest] = v
+            continue
+        module = re.split(r"\.lora_[AB]\.", k)[0]
+        comp = component_of_module(module)
+        if comp is None:
+            unknown.append(k)
+        else:
+            parts[comp][k] = v
+    if unknown:
+        _fail(path, f"{len(unknown)} key(s) {_list(unknown)} name no LoRA-able layer of an SD1.x/SD2.x U-Net or "
+                    f"CLIP text encoder (expected e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
+                    f".lora_A.weight or text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight)")
+    return parts
+
+
 def _read_peft(path, sd, meta) -> LoraWeights:
     from peft.utils.other import get_pattern_key
+
+    from sdknobs.lora.keys import TE_MODULE, UNET_MODULE
 
     alphas_in_file, tensors = {}, {}
     for k, v in sd.items():
         k2 = k.removeprefix("base_model.model.")
         if k2.endswith(".alpha"):
-            alphas_in_file[k2[: -len(".alpha")]] = float(v.item())
+            alphas_in_file[k2[: -len(".alpha")]] = _alpha(path, k2[: -len(".alpha")], v)
         else:
             tensors[k2] = v
     config = json.loads(meta.get("lora_adapter_metadata") or "{}")
@@ -192,16 +303,16 @@ def _read_peft(path, sd, meta) -> LoraWeights:
         config = json.loads(side.read_text())
     out = LoraWeights({}, format="diffusers" if "lora_adapter_metadata" in meta else "peft")
     configs = {}
-    for component in ("unet", "text_encoder"):
-        part = {k[len(component) + 1:]: v for k, v in tensors.items() if k.startswith(component + ".")}
-        # peft files have no component prefix: CLIP's modules start with text_model., the rest is the U-Net
-        bare = {k: v for k, v in tensors.items() if not k.startswith(("unet.", "text_encoder."))}
-        part.update({k: v for k, v in bare.items() if k.startswith(TE_PREFIX) == (component == "text_encoder")})
+    for component, part in _peft_components(path, tensors).items():
         configs[component] = {k[len(component) + 1:]: v for k, v in config.items()
                               if k.startswith(component + ".")} or config
         original = {id(v): k for k, v in part.items()}
+        grammar = UNET_MODULE if component == "unet" else TE_MODULE
         for k, v in _to_peft(component, part).items():
             module, ab = _split_peft_key(path, k)
+            if not grammar.match(module):
+                _fail(path, f"key {original.get(id(v), k)!r} names {component} layer {module!r}, which is no "
+                            f"LoRA-able layer of an SD1.x/SD2.x {component.replace('_', ' ')}")
             if component == "text_encoder" and not module.startswith(TE_PREFIX):
                 module = TE_PREFIX + module
             layer = f"{component}.{module}"
@@ -256,8 +367,30 @@ def to_kohya(w: LoraWeights) -> dict[str, torch.Tensor]:
     return out
 
 
+def portable(w: LoraWeights, fmt: str) -> LoraWeights:
+    """The same delta W in factors every peer scales alike.
+
+    Peers do not all honour per-layer alphas: diffusers' load_lora_weights uses the most common alpha of a
+    kohya file for every layer, and ComfyUI reads a diffusers-layout file (no .alpha keys) at scale 1. So
+    kohya files get one alpha A for the whole file (the most common one) and each layer's B is scaled by
+    alpha_l / A, which keeps (alpha_l / r_l) B A; diffusers files get scale 1 in every layer (B scaled by
+    alpha_l / r_l, alpha = r). Layers already at the target keep their bits."""
+    if fmt == "kohya":
+        a = Counter(f.alpha for f in w.layers.values()).most_common(1)[0][0]
+        factor = {k: f.alpha / a for k, f in w.layers.items()}
+        alpha = {k: a for k in w.layers}
+    else:
+        factor = {k: f.scale for k, f in w.layers.items()}
+        alpha = {k: float(f.rank) for k, f in w.layers.items()}
+    layers = {}
+    for k, f in w.layers.items():
+        up = f.up if factor[k] == 1.0 else (f.up.detach().float() * factor[k]).to(f.up.dtype)
+        layers[k] = LoraFactors(f.down, up, alpha[k])
+    return LoraWeights(layers, dict(w.metadata), dict(w.source_keys), w.path, w.format)
+
+
 def write_lora(w: LoraWeights, path: str | Path, fmt: str = "kohya", metadata: dict | None = None) -> Path:
-    """Write `w` as .safetensors in `fmt` ("kohya" or "diffusers"), atomically."""
+    """Write `w` as .safetensors in `fmt` ("kohya" or "diffusers"), atomically, in `portable` factors."""
     from sdknobs.atomic import save_safetensors
 
     path = Path(path)
@@ -267,9 +400,14 @@ def write_lora(w: LoraWeights, path: str | Path, fmt: str = "kohya", metadata: d
         raise SdknobsError(f"--out {str(path)!r} must end in .safetensors")
     if not w.layers:
         raise SdknobsError(f"nothing to write to {path}: the LoRA has no layers")
+    for layer, f in w.layers.items():
+        _check_factors(path, layer, f)
+    w = portable(w, fmt)
     meta = {k: str(v) for k, v in {**w.metadata, **(metadata or {})}.items()}
     if fmt == "kohya":
         sd = to_kohya(w)
+        if "ss_network_alpha" in meta:  # the file's one alpha (see `portable`)
+            meta["ss_network_alpha"] = f"{next(iter(w.layers.values())).alpha:g}"
     else:
         sd = _peft_state_dict(w)
         meta["lora_adapter_metadata"] = json.dumps(_diffusers_config(w), indent=2, sort_keys=True)

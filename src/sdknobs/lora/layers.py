@@ -187,7 +187,7 @@ class LoraSet:
 
     def add(self, spec: LoraSpec | str, weights: LoraWeights | None = None) -> str:
         spec = parse_spec(spec)
-        w = weights if weights is not None else read_lora(spec.path)
+        w = weights if weights is not None else read_lora(spec.path, model=self.model)
         if spec.window is not None and any(k.startswith("text_encoder.") for k in w.layers):
             raise SdknobsError(f"--lora {spec}: the file has text-encoder layers, and a window can only switch "
                                f"U-Net layers (the prompt is encoded once per run); drop the window")

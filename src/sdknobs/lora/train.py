@@ -159,7 +159,8 @@ class LoraMethod(Method):
         return extract(model, ADAPTER)
 
     def save(self, model, path, metadata):
-        return write_lora(self.weights(model), path, self.cfg.format, kohya_metadata(model, self.cfg, metadata))
+        te = any(t.component == "text_encoder" for t in self.targets)
+        return write_lora(self.weights(model), path, self.cfg.format, kohya_metadata(model, self.cfg, metadata, te))
 
     def _hook(self, model) -> None:
         """Record the tensor shapes inside one target layer's bypass (for trace-step): the first to_k (text
@@ -205,21 +206,36 @@ def model_sha256(model) -> str:
     return digest
 
 
-def kohya_metadata(model, cfg: LoraTrainConfig, trainer_meta: dict) -> dict[str, str]:
-    """kohya's ss_* keys (A1111 and ComfyUI show them) plus modelspec's trigger phrase and ours."""
+def modelspec_architecture(model) -> str:
+    """ModelSpec's architecture id (kohya's library/sai_model_spec.py): SD1-architecture models, the
+    embedded one included, are stable-diffusion-v1; SD2.x is v2-512 or v2-768-v by prediction type."""
+    if model.family == "SD2.x":
+        return "stable-diffusion-v2-768-v" if model.prediction_type == "v_prediction" else "stable-diffusion-v2-512"
+    return "stable-diffusion-v1"
+
+
+def kohya_metadata(model, cfg: LoraTrainConfig, trainer_meta: dict, text_encoder: bool | None = None) -> dict[str, str]:
+    """kohya's ss_* keys (A1111 and ComfyUI show them) plus modelspec's and ours. Model names are file or
+    folder names only (as kohya stores them), never a local path."""
+    from sdknobs.lora.files import model_file_name
+
     res = trainer_meta.get("resolution", cfg.resolution or model.default_size)
-    version = {"SD1.x": "sd_v1", "SD2.x": "sd_v2"}.get(model.family, model.family)
+    version = "sd_v2" if model.family == "SD2.x" else "sd_v1"  # kohya's ss_base_model_version values
     trigger = f"{cfg.instance_token} {cfg.class_word}".strip()
+    te = cfg.text_encoder if text_encoder is None else text_encoder
     meta = {
         "ss_network_module": "networks.lora", "ss_network_dim": cfg.rank, "ss_network_alpha": cfg.effective_alpha,
-        "ss_sd_model_name": cfg.model, "ss_new_sd_model_hash": model_sha256(model), "ss_base_model_version": version,
-        "ss_v2": str(model.family == "SD2.x"), "ss_resolution": f"({res}, {res})", "ss_max_train_steps": cfg.steps,
-        "ss_learning_rate": cfg.learning_rate, "ss_seed": cfg.seed, "ss_num_train_images": trainer_meta.get("train_images", ""),
-        "ss_network_args": json.dumps({"targets": cfg.targets, "text_encoder": cfg.text_encoder}),
+        "ss_sd_model_name": model_file_name(cfg.model), "ss_new_sd_model_hash": model_sha256(model),
+        "ss_base_model_version": version, "ss_v2": str(model.family == "SD2.x"), "ss_resolution": f"({res}, {res})",
+        "ss_max_train_steps": cfg.steps, "ss_learning_rate": cfg.learning_rate, "ss_seed": cfg.seed,
+        "ss_num_train_images": trainer_meta.get("train_images", ""),
+        "ss_network_args": json.dumps({"targets": cfg.targets, "text_encoder": te}),
+        "ss_network_train_unet_only": str(not te),
         "ss_tag_frequency": json.dumps({Path(cfg.data_dir).name: {trigger: 1}} if trigger else {}),
-        "modelspec.trigger_phrase": trigger, "modelspec.architecture": f"stable-diffusion-{version}/lora",
+        "modelspec.trigger_phrase": trigger, "modelspec.architecture": f"{modelspec_architecture(model)}/lora",
     }
     meta.update({f"sdknobs.{k}": v for k, v in trainer_meta.items()})
+    meta["sdknobs.base_model"] = model_file_name(trainer_meta.get("base_model", cfg.model))
     return {k: str(v) for k, v in meta.items()}
 
 

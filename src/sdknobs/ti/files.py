@@ -1,21 +1,24 @@
-"""Embedding files: write diffusers' and kohya/A1111 formats, read those plus A1111 `.pt`.
+"""Embedding files: write diffusers', kohya's and A1111's formats; read those plus A1111's classic forms.
 
 Formats (what each tool reads and writes):
-- diffusers  `learned_embeds.safetensors`: {token: tensor[N, D]} (diffusers' textual_inversion.py
-  and `pipe.load_textual_inversion`); also `.bin` of the same dict (read only);
-- kohya      `NAME.safetensors`: {"emb_params": tensor[N, D]}; the token is the file name (kohya's
-  sd-scripts, AUTOMATIC1111 and ComfyUI read this);
+- diffusers  `TOKEN.safetensors` (diffusers' own default is `learned_embeds.safetensors`): {token: [N, D]}
+  (diffusers' textual_inversion.py and `pipe.load_textual_inversion`); also `.bin` of the same dict;
+- kohya      `NAME.safetensors`: {"emb_params": tensor[N, D]} (kohya's sd-scripts, AUTOMATIC1111, ComfyUI);
 - a1111      `NAME.pt`: {"string_to_param": {"*": tensor[N, D]}, "string_to_token": {"*": 265},
-  "name": NAME, "step": ...} (AUTOMATIC1111's own training writes it).
+  "name": NAME, "step": ...} (AUTOMATIC1111's own training writes it); read also with the older
+  nn.ParameterDict under string_to_param, and as A1111's PNG embeddings (`pngs.py`).
+AUTOMATIC1111, ComfyUI and kohya name an embedding after its file, so the default file name is the
+token without its brackets (`<star-shape>` -> `star-shape.safetensors`).
 
-Pickled files are read with `torch.load(weights_only=True)`, which only rebuilds tensors and plain
-containers; a file that needs anything else could run code when unpickled, so it is refused.
-Writes go to a temporary file in the same folder, then `os.replace`, so no half-written file ever
-carries the final name.
+Pickled files are read with `torch.load(weights_only=True)` (plus nn.ParameterDict, a plain container
+module), which only rebuilds tensors and plain containers; a file that needs anything else could run
+code when unpickled, so it is refused. Writes go to a temporary file in the same folder, then
+`os.replace`, so no half-written file ever carries the final name.
 """
 from __future__ import annotations
 
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,17 +68,15 @@ class EmbeddingFile:
 
 def default_filename(token: str, format: str) -> str:
     stem = token.strip("<>").replace("/", "-") or "embedding"
-    return {"diffusers": "learned_embeds.safetensors", "kohya": f"{stem}.safetensors", "a1111": f"{stem}.pt"}[format]
-
-
-def _atomic(path: Path, write) -> Path:
-    return atomic_write(path, write)
+    return f"{stem}.pt" if format == "a1111" else f"{stem}.safetensors"
 
 
 def save_embedding(path: str | Path, token: str, vectors: torch.Tensor, *, format: str = "diffusers",
                    metadata: dict | None = None) -> Path:
     """Write `token`'s vectors [N, D] in `format`; a folder path gets the format's default file name."""
     from safetensors.torch import save_file
+
+    from sdknobs.lora.files import model_file_name
 
     if format not in FORMATS:
         raise SdknobsError(f"--format {format!r} is not known; choose one of {', '.join(FORMATS)}")
@@ -85,22 +86,63 @@ def save_embedding(path: str | Path, token: str, vectors: torch.Tensor, *, forma
     want = ".pt" if format == "a1111" else ".safetensors"
     if path.suffix != want:
         raise SdknobsError(f"embedding file {path}: format {format} is written as {want}, not {path.suffix}")
-    v = vectors.detach().to("cpu", torch.float32).reshape(-1, vectors.shape[-1]).contiguous()
-    meta = {str(k): str(val) for k, val in {**(metadata or {}), "token": token}.items()}
+    v = _vectors(vectors.detach().to("cpu"), path, "the vectors")
+    metadata = dict(metadata or {})
+    if "base_model" in metadata:  # a file or folder name, never the trainer's local path
+        metadata["base_model"] = model_file_name(metadata["base_model"])
+    meta = {str(k): str(val) for k, val in {**metadata, "token": token}.items()}
     if format == "diffusers":
-        return _atomic(path, lambda tmp: save_file({token: v}, tmp, metadata={"format": "pt", **meta}))
+        return atomic_write(path, lambda tmp: save_file({token: v}, tmp, metadata={"format": "pt", **meta}))
     if format == "kohya":
-        return _atomic(path, lambda tmp: save_file({"emb_params": v}, tmp, metadata={"format": "pt", **meta}))
+        return atomic_write(path, lambda tmp: save_file({"emb_params": v}, tmp, metadata={"format": "pt", **meta}))
     data = {"string_to_token": {"*": 265}, "string_to_param": {"*": v}, "name": token,
-            "step": int((metadata or {}).get("steps", 0) or 0), "sd_checkpoint": None,
-            "sd_checkpoint_name": str((metadata or {}).get("base_model", "")), "sdknobs": meta}
-    return _atomic(path, lambda tmp: torch.save(data, tmp))
+            "step": int(metadata.get("steps", 0) or 0), "sd_checkpoint": None,
+            "sd_checkpoint_name": str(metadata.get("base_model", "")), "sdknobs": meta}
+    return atomic_write(path, lambda tmp: write_a1111_pt(data, tmp, path.stem))
+
+
+# torch.save's records that A1111's modules/safe.py (check_zip_filenames) accepts: <folder>/data.pkl,
+# <folder>/data/<n>, <folder>/version. torch >= 2.1 adds byteorder, .data/serialization_id, and torch
+# 2.13 .format_version and .storage_alignment, each of which stock A1111 rejects as "bad file inside".
+_A1111_RECORDS = re.compile(r"data\.pkl|data/\d+|version")
+
+
+def write_a1111_pt(data: dict, tmp, folder: str) -> None:
+    """torch.save(data) re-packed with only the records A1111's safe-unpickle check accepts, under a stable
+    folder name (torch names it after the file it writes, here a temporary one). Records stay uncompressed
+    and 64-byte aligned, as torch writes them; without a byteorder record torch reads little-endian."""
+    import io
+    import struct
+    import sys
+    import zipfile
+
+    if sys.byteorder != "little":
+        raise SdknobsError("writing A1111 .pt files needs a little-endian machine (they carry no byteorder record)")
+    folder = re.sub(r"[^\w.-]", "_", folder) or "archive"
+    buf = io.BytesIO()
+    torch.save(data, buf)
+    with zipfile.ZipFile(buf) as src, open(tmp, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as out:
+        for info in src.infolist():
+            name = info.filename.split("/", 1)[1]
+            if not _A1111_RECORDS.fullmatch(name):
+                continue
+            entry = zipfile.ZipInfo(f"{folder}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+            start = fh.tell() + 30 + len(entry.filename.encode()) + 4  # local header, name, padding field header
+            pad = -start % 64
+            entry.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # miniz's "FB" padding field, as torch's
+            out.writestr(entry, src.read(info))
 
 
 def _vectors(t, path, key) -> torch.Tensor:
+    """[N, D] float32 from a file's tensor, or an error naming the key and what it holds."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() not in (1, 2):
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise SdknobsError(f"embedding file {path}: {key} should be a float tensor [vectors, width], got {shape}")
+        got = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise SdknobsError(f"embedding file {path}: {key} should be a float tensor [vectors, width], got {got}")
+    if t.numel() == 0:
+        raise SdknobsError(f"embedding file {path}: {key} has shape {tuple(t.shape)}: no vectors")
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise SdknobsError(f"embedding file {path}: {key} has {bad} NaN/inf value(s) of {t.numel()}; expected finite")
     return t.detach().float().reshape(-1, t.shape[-1]).clone()
 
 
@@ -110,12 +152,23 @@ def _sdxl_error(path, keys) -> SdknobsError:
                         f"this tool loads SD1.x/SD2.x-style models with one text encoder")
 
 
+def _checkpoint_error(path, what) -> SdknobsError:
+    return SdknobsError(f"embedding file {path}: {what} of a training checkpoint (for --resume), not an embedding; "
+                        f"the embedding is the file the run wrote at --out")
+
+
 def _from_dict(d: dict, path: Path, stem: str) -> EmbeddingFile:
     keys = set(d)
     if {"clip_l", "clip_g"} <= keys:
         raise _sdxl_error(path, keys)
+    if {"optimizers", "rng"} <= keys:
+        raise _checkpoint_error(path, "the optimizer and RNG state")
+    if any("/" in str(k) for k in keys):
+        raise _checkpoint_error(path, f"keys like {next(str(k) for k in keys if '/' in str(k))!r} are the weights")
     if "string_to_param" in d:
         params = d["string_to_param"]
+        if isinstance(params, torch.nn.ParameterDict):  # A1111's files from before 2023 (any torch version)
+            params = dict(params.items())
         if not isinstance(params, dict) or len(params) != 1:
             raise SdknobsError(f"embedding file {path}: string_to_param should hold one tensor under '*', "
                                f"got {list(params) if isinstance(params, dict) else type(params).__name__}")
@@ -133,16 +186,52 @@ def _from_dict(d: dict, path: Path, stem: str) -> EmbeddingFile:
                        f"one tensor {{token: [N, D]}} (diffusers), 'emb_params' (kohya) or 'string_to_param' (A1111)")
 
 
+def _torch_load(path: Path):
+    """torch.load(weights_only=True), with nn.ParameterDict allowed (A1111's older string_to_param)."""
+    try:
+        allow = torch.serialization.safe_globals([torch.nn.ParameterDict])
+    except AttributeError:  # torch < 2.5: no allow-list; ParameterDict files are refused below, by name
+        from contextlib import nullcontext
+
+        allow = nullcontext()
+    try:
+        with allow:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        why = f"it names {found.group(1)}, which is not a tensor or a plain container" if found else \
+            str(e).strip().splitlines()[0][:120]
+        raise SdknobsError(f"embedding file {path}: refused, it needs arbitrary unpickling ({why}); "
+                           f"unpickling such a file can run any code it carries, so only tensors and plain "
+                           f"containers are read (torch.load weights_only=True); convert it to .safetensors "
+                           f"with a tool you trust") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise SdknobsError(f"embedding file {path}: not a readable torch file, truncated or of another kind "
+                           f"({str(e).splitlines()[0]})") from e
+
+
+def _find_in_folder(path: Path) -> Path:
+    from sdknobs.training.checkpoint import STATE, WEIGHTS
+
+    if (path / WEIGHTS).is_file() and (path / STATE).is_file():
+        raise _checkpoint_error(path, "a folder")
+    named = [path / "learned_embeds.safetensors", path / "learned_embeds.bin"]
+    found = [c for c in named if c.exists()] or sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES)
+    if len(found) != 1 and not (found and found[0].stem == "learned_embeds"):
+        raise SdknobsError(f"embedding folder {path}: expected learned_embeds.safetensors or one embedding file, found "
+                           f"{', '.join(p.name for p in found) or 'none'}")
+    return found[0]
+
+
+SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt", ".pth", ".png", ".webp")
+
+
 def read_embedding(path: str | Path, token: str | None = None) -> EmbeddingFile:
     """Read an embedding file of any supported format. `token` overrides the token it names (its
     key, A1111's `name`, or the file name); tokens are lowercased, as CLIP lowercases prompts."""
     path = Path(path)
     if path.is_dir():
-        cands = [path / "learned_embeds.safetensors", path / "learned_embeds.bin"]
-        found = [c for c in cands if c.exists()]
-        if not found:
-            raise SdknobsError(f"embedding folder {path} has no learned_embeds.safetensors or learned_embeds.bin")
-        path = found[0]
+        path = _find_in_folder(path)
     if not path.is_file():
         raise SdknobsError(f"embedding file {path}: no such file")
     stem, suffix = path.stem, path.suffix.lower()
@@ -154,7 +243,8 @@ def read_embedding(path: str | Path, token: str | None = None) -> EmbeddingFile:
                 d = {k: f.get_tensor(k) for k in f.keys()}
                 meta = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as e:
-            raise SdknobsError(f"embedding file {path}: not a readable safetensors file ({e})") from e
+            raise SdknobsError(f"embedding file {path}: not a readable safetensors file, truncated or of another "
+                               f"kind ({e})") from e
         emb = _from_dict(d, path, stem)
         emb.metadata = {**meta, **emb.metadata}
         # kohya/A1111 name the token after the file; a file we wrote keeps its token (brackets and all) in
@@ -163,29 +253,21 @@ def read_embedding(path: str | Path, token: str | None = None) -> EmbeddingFile:
         if emb.format == "kohya" and t and Path(default_filename(t, "kohya")).stem == stem:
             emb.token = t
     elif suffix in (".pt", ".bin", ".ckpt", ".pth"):
-        try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            import re
-
-            found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            why = f"it names {found.group(1)}, which is not a tensor or a plain container" if found else \
-                str(e).strip().splitlines()[0][:120]
-            raise SdknobsError(f"embedding file {path}: refused, it needs arbitrary unpickling ({why}); "
-                               f"unpickling such a file can run any code it carries, so only tensors and plain "
-                               f"containers are read (torch.load weights_only=True); convert it to .safetensors "
-                               f"with a tool you trust") from e
-        except (RuntimeError, EOFError, OSError) as e:
-            raise SdknobsError(f"embedding file {path}: not a readable torch file ({str(e).splitlines()[0]})") from e
+        d = _torch_load(path)
         if isinstance(d, torch.Tensor):
             emb = EmbeddingFile(stem, _vectors(d, path, "the tensor"), "diffusers", path)
         elif isinstance(d, dict):
             emb = _from_dict(d, path, stem)
         else:
             raise SdknobsError(f"embedding file {path}: holds a {type(d).__name__}, expected a dict of tensors")
+    elif suffix in (".png", ".webp"):
+        from sdknobs.ti.pngs import read_png_embedding
+
+        emb = _from_dict(read_png_embedding(path), path, stem)
+        emb.format = "a1111-png"
     else:
-        raise SdknobsError(f"embedding file {path}: unsupported type {suffix or '(no suffix)'}; expected .safetensors, "
-                           f".pt or .bin (embeddings hidden inside PNG/WebP images are not read)")
+        raise SdknobsError(f"embedding file {path}: unsupported type {suffix or '(no suffix)'}; expected "
+                           f"{', '.join(SUFFIXES)}")
     if token:
         emb.token = token
     emb.token = emb.token.strip().lower()
