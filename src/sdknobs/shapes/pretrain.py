@@ -18,6 +18,11 @@ constant) LR, optional EMA of the trained weights (kept if it has the lower vali
 Everything random is derived from the seed and the step, or drawn from generators whose state is
 checkpointed, so `--resume` reaches bit-for-bit the same weights as an uninterrupted run.
 
+It writes a new model folder (`--out`, default out/shapes-pretrain), never into the installed package (the
+shipped `shapes` model stays as it is), and follows the trainer's rules (`training.runs`): everything is
+checked before the run folder is created, Ctrl-C saves the last finished step, a non-finite loss stops
+the run with a checkpoint kept to go on from at a lower learning rate.
+
 Run: python -m sdknobs.shapes.pretrain [--flags from PretrainConfig]
 """
 from __future__ import annotations
@@ -41,11 +46,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdknobs.atomic import atomic_write, check_out_path, write_text
 from sdknobs.errors import SdknobsError
-from sdknobs.model import EMBEDDED, Model, save_model
-from sdknobs.training.checkpoint import (checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                         prune_checkpoints, save_checkpoint)
+from sdknobs.model import Model, check_device, save_model
+from sdknobs.training.checkpoint import load_checkpoint, remove_stale, step_of
 from sdknobs.training.plots import loss_curve_png
+from sdknobs.training.runs import Guard, Keeper, check_folder, check_numbers, check_writable, clear, resume_point
 from sdknobs.training.step import diffusion_loss, make_noise_scheduler
 
 STAGES = ("vae", "unet")
@@ -59,9 +65,10 @@ def _ints(text: str) -> tuple[int, ...]:
 @dataclass
 class PretrainConfig:
     # --- where things go ---
-    out: str = field(default=str(EMBEDDED["shapes"]), metadata={"help": "output diffusers folder (the embedded model by default)"})
+    out: str = field(default="out/shapes-pretrain", metadata={"help": "output diffusers folder, new or empty (never inside the installed package; load it with --model FOLDER)"})
     run_dir: str = field(default="runs/pretrain", metadata={"help": "checkpoints, loss curves, samples and log go here"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --run-dir"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest whole checkpoint in --run-dir (a broken one is skipped)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a model folder --out written earlier, and start again from scratch over the checkpoints in --run-dir (they are deleted)"})
     seed: int = field(default=0, metadata={"help": "seed for the weights, the data and every random draw"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads (torch.set_num_threads)"})
     device: str = field(default="cpu", metadata={"help": "torch device to train on (cpu or cuda)"})
@@ -118,6 +125,8 @@ class PretrainConfig:
             if not ok:
                 raise SdknobsError(msg)
 
+        check_numbers(self, seeds=("seed",))
+        check_device(self.device)
         try:
             vae_ch, unet_ch = _ints(self.vae_channels), _ints(self.unet_channels)
         except ValueError as e:
@@ -241,6 +250,10 @@ def _log(msg: str) -> None:
     print(f"[pretrain {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _warn(msg: str) -> None:
+    print(f"sdknobs: {msg}", file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # the run
 
@@ -315,65 +328,88 @@ class _Run:
         vae.train(was)
         return psnr(recon, x_val)
 
-    def train_vae(self, resume_from: Path | None) -> None:
+    def guard(self, stage: str, resume_from: Path | None, save, lr_flags: str, start: int) -> Guard:
+        keeper = Keeper(self.dir, stage, self.cfg.keep_checkpoints, resumed=resume_from)
+        lr = " / ".join(f"{f} (now {getattr(self.cfg, f[2:].replace('-', '_')):g})" for f in lr_flags.split())
+        return Guard(keeper, lambda done: save(keeper, done), lr, _warn, start, label=f"stage {STAGES.index(stage) + 1}: ")
+
+    def train_vae(self, resume_from: Path | None, data=None) -> None:
         cfg, vae = self.cfg, self.model.vae
         vae.train().requires_grad_(True)
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         gen = torch.Generator(self.device).manual_seed(_seed_for(cfg.seed, "vae-gen"))
         start = 0
         if resume_from is not None:
-            st = load_checkpoint(resume_from, modules={"vae": vae}, optimizers={"vae": opt}, generators={"vae": gen})
+            st = load_checkpoint(resume_from, modules={"vae": vae}, optimizers={"vae": opt}, generators={"vae": gen},
+                                 data=data)
             start = st["step"]
             self._restore_extra(st["extra"])
             _log(f"resumed stage 1 from {resume_from} at step {start}")
         x_val = self.vae_val()
         bar = _Progress(cfg.progress, cfg.vae_steps, start, "stage 1 VAE")
         acc, n_acc, t0 = 0.0, 0, time.time()
-        for step in range(start, cfg.vae_steps):
-            for g in opt.param_groups:
-                g["lr"] = cfg.vae_lr * lr_factor(step, cfg.vae_steps, cfg.vae_warmup, "cosine", cfg.min_lr_ratio)
-            x = self.vae_batch(step)
-            post = vae.encode(x).latent_dist
-            z = post.sample(generator=gen)  # reparameterised sample z = mu + sigma * n
-            recon = vae.decode(z).sample
-            l1 = (recon - x).abs().mean()
-            gx, gy = _grads(x)
-            rx, ry = _grads(recon)
-            edge = (rx - gx).abs().mean() + (ry - gy).abs().mean()
-            kl = post.kl().mean()  # sum over latent dims, mean over the batch
-            mse = (recon - x).pow(2).mean()
-            loss = l1 + cfg.vae_mse_weight * mse + cfg.vae_edge_weight * edge + cfg.vae_kl_weight * kl
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"stage 1: loss is {loss.item()} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-            opt.step()
-            acc += loss.item()
-            n_acc += 1
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.vae_steps:
-                self.history["vae_loss"].append((done, acc / n_acc))
-                acc, n_acc = 0.0, 0
-            if done % cfg.eval_every == 0 or done == cfg.vae_steps:
-                p = self.eval_vae(x_val)
-                self.history["vae_psnr"].append((done, p))
-                _log(f"stage 1 step {done}/{cfg.vae_steps}: loss {loss.item():.4f}, val PSNR {p:.2f} dB")
-            bar.update(loss=f"{loss.item():.4f}")
-            if done % cfg.checkpoint_every == 0 or done == cfg.vae_steps:
-                self.elapsed["vae"] += time.time() - t0
-                t0 = time.time()
-                save_checkpoint(self.dir / checkpoint_name("vae", done), step=done, modules={"vae": vae},
-                                optimizers={"vae": opt}, generators={"vae": gen}, extra=self._extra("vae"))
-                prune_checkpoints(self.dir, "vae", cfg.keep_checkpoints)
-                self._plot()
+
+        def save(keeper: Keeper, done: int) -> None:
+            nonlocal t0
+            self.elapsed["vae"] += time.time() - t0
+            t0 = time.time()
+            keeper.save(done, modules={"vae": vae}, optimizers={"vae": opt}, generators={"vae": gen},
+                        extra=self._extra("vae"))
+            self._plot()
+
+        with self.guard("vae", resume_from, save, "--vae-lr", start) as guard:
+            for step in range(start, cfg.vae_steps):
+                if guard.stop:
+                    break
+                loss = self.vae_step(step, vae, opt, gen)
+                done = step + 1
+                guard.step_done(done, loss)
+                acc += loss
+                n_acc += 1
+                if done % cfg.log_every == 0 or done == cfg.vae_steps:
+                    self.history["vae_loss"].append((done, acc / n_acc))
+                    acc, n_acc = 0.0, 0
+                if done % cfg.eval_every == 0 or done == cfg.vae_steps:
+                    p = self.eval_vae(x_val)
+                    self.history["vae_psnr"].append((done, p))
+                    _log(f"stage 1 step {done}/{cfg.vae_steps}: loss {loss:.4f}, val PSNR {p:.2f} dB")
+                bar.update(loss=f"{loss:.4f}")
+                if done % cfg.checkpoint_every == 0 or done == cfg.vae_steps:
+                    save(guard.keeper, done)
         bar.close()
+        guard.keeper.finish()
         self.elapsed["vae"] += time.time() - t0
         vae.eval().requires_grad_(False)
         with torch.no_grad():
             recon = vae.decode(vae.encode(x_val[:16]).latent_dist.mode()).sample
-        _to_uint8_grid(torch.cat([x_val[:16], recon]), cols=16).save(self.dir / "vae_reconstructions.png")
+        img = _to_uint8_grid(torch.cat([x_val[:16], recon]), cols=16)
+        atomic_write(self.dir / "vae_reconstructions.png", lambda tmp: img.save(tmp, format="PNG"))
+
+    def vae_step(self, step: int, vae, opt, gen) -> float:
+        """One stage-1 step; a non-finite loss is returned before the weights change."""
+        cfg = self.cfg
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * lr_factor(step, cfg.vae_steps, cfg.vae_warmup, "cosine", cfg.min_lr_ratio)
+        x = self.vae_batch(step)
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=gen)  # reparameterised sample z = mu + sigma * n
+        recon = vae.decode(z).sample
+        l1 = (recon - x).abs().mean()
+        gx, gy = _grads(x)
+        rx, ry = _grads(recon)
+        edge = (rx - gx).abs().mean() + (ry - gy).abs().mean()
+        kl = post.kl().mean()  # sum over latent dims, mean over the batch
+        mse = (recon - x).pow(2).mean()
+        loss = l1 + cfg.vae_mse_weight * mse + cfg.vae_edge_weight * edge + cfg.vae_kl_weight * kl
+        value = loss.item()
+        if not math.isfinite(value):
+            return value
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        opt.step()
+        return value
 
     # --- latent cache ---
     def pool_scenes(self):
@@ -424,10 +460,9 @@ class _Run:
             g = torch.Generator(self.device).manual_seed(_seed_for(cfg.seed, "scale"))
             z = self.mean + torch.exp(0.5 * self.logvar) * torch.randn(self.mean.shape, generator=g, device=self.device, dtype=self.mean.dtype)
             scale = float(1.0 / z.float().std())
-            tmp = path.with_name(path.name + ".tmp")
-            save_file({"mean": self.mean.cpu().contiguous(), "logvar": self.logvar.cpu().contiguous(),
-                       "scaling_factor": torch.tensor([scale], dtype=torch.float64)}, str(tmp), metadata={"key": key})
-            os.replace(tmp, path)
+            tensors = {"mean": self.mean.cpu().contiguous(), "logvar": self.logvar.cpu().contiguous(),
+                       "scaling_factor": torch.tensor([scale], dtype=torch.float64)}
+            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key}))
             self.elapsed["cache"] += time.time() - t0
             _log(f"encoded {len(self.scenes)} pool scenes in {time.time() - t0:.0f}s; latent std {1 / scale:.4f} "
                  f"-> scaling_factor {scale:.5f}; latent mean {self.mean.mean().item():.4f}")
@@ -503,7 +538,7 @@ class _Run:
         text_encoder.train(modes[1])
         return total / z.shape[0]
 
-    def train_unet(self, resume_from: Path | None) -> None:
+    def train_unet(self, resume_from: Path | None, data=None) -> None:
         cfg, m = self.cfg, self.model
         unet, te = m.unet, m.text_encoder
         self.sched = make_noise_scheduler(m.scheduler_config, cfg.prediction_type)
@@ -521,7 +556,10 @@ class _Run:
         modules = {"unet": unet, "text_encoder": te, "vae": m.vae, **(ema or {})}
         start = 0
         if resume_from is not None:
-            st = load_checkpoint(resume_from, modules=modules, optimizers={"unet": opt}, generators={"unet": gen})
+            st = load_checkpoint(resume_from, modules=modules, optimizers={"unet": opt}, generators={"unet": gen},
+                                 data=data)
+            for g, lr in zip(opt.param_groups, (cfg.unet_lr, cfg.text_lr)):
+                g["base_lr"] = lr  # this session's --unet-lr / --text-lr (lower after a non-finite loss)
             start = st["step"]
             self._restore_extra(st["extra"])
             _log(f"resumed stage 2 from {resume_from} at step {start}")
@@ -532,60 +570,69 @@ class _Run:
         params = [p for g in opt.param_groups for p in g["params"]]
         t_budget = time.time()
         step = start
-        while step < cfg.unet_steps:
-            if cfg.unet_minutes and step == start + 100 and step < cfg.warmup_steps:
-                # fit the budget: measured rate x remaining time, fixed while still in warmup so the
-                # cosine part of the schedule is planned once with the final total
-                rate = 100 / (time.time() - t_budget)
-                fit = int(step + rate * (cfg.unet_minutes * 60 - (time.time() - t_budget)) * 0.9)
-                if fit < cfg.unet_steps:
-                    _log(f"stage 2: {rate:.1f} steps/s; --unet-minutes {cfg.unet_minutes:g} -> {fit} steps (was {cfg.unet_steps})")
-                    cfg.unet_steps = max(fit, cfg.warmup_steps + 1)
-                    bar.bar is not None and setattr(bar.bar, "total", cfg.unet_steps)
-            f = lr_factor(step, cfg.unet_steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * f
-            latents, caps = self.unet_batch(step, gen)
-            ehs = te(self.tokens(caps))[0]  # last hidden state, as StableDiffusionPipeline uses
-            loss = diffusion_loss(unet, latents, ehs, self.sched, gen, prediction_type=cfg.prediction_type,
-                                  min_snr_gamma=cfg.min_snr_gamma or None, noise_offset=cfg.noise_offset)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"stage 2: loss is {loss.item()} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            if ema:
-                # decay warms up so the average is not dominated by the random initialisation
-                d = min(cfg.ema_decay, (1 + step) / (10 + step))
-                ema_update(ema["ema_unet"], unet, d)
-                ema_update(ema["ema_text_encoder"], te, d)
-            acc += loss.item()
-            n_acc += 1
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.unet_steps:
-                self.history["unet_loss"].append((done, acc / n_acc))
-                acc, n_acc = 0.0, 0
-            if done % cfg.eval_every == 0 or done == cfg.unet_steps:
-                v = self.eval_unet(unet, te, val)
-                self.history["unet_val"].append((done, v))
-                msg = f"stage 2 step {done}/{cfg.unet_steps}: loss {loss.item():.4f}, val {v:.4f}"
+
+        def save(keeper: Keeper, done: int) -> None:
+            nonlocal t0
+            self.elapsed["unet"] += time.time() - t0
+            t0 = time.time()
+            keeper.save(done, modules=modules, optimizers={"unet": opt}, generators={"unet": gen},
+                        extra=self._extra("unet"))
+            self._plot()
+
+        with self.guard("unet", resume_from, save, "--unet-lr --text-lr", start) as guard:
+            while step < cfg.unet_steps:
+                if guard.stop:
+                    break
+                if cfg.unet_minutes and step == start + 100 and step < cfg.warmup_steps:
+                    # fit the budget: measured rate x remaining time, fixed while still in warmup so the
+                    # cosine part of the schedule is planned once with the final total
+                    rate = 100 / (time.time() - t_budget)
+                    fit = int(step + rate * (cfg.unet_minutes * 60 - (time.time() - t_budget)) * 0.9)
+                    if fit < cfg.unet_steps:
+                        _log(f"stage 2: {rate:.1f} steps/s; --unet-minutes {cfg.unet_minutes:g} -> {fit} steps (was {cfg.unet_steps})")
+                        cfg.unet_steps = max(fit, cfg.warmup_steps + 1)
+                        bar.bar is not None and setattr(bar.bar, "total", cfg.unet_steps)
+                f = lr_factor(step, cfg.unet_steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio)
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * f
+                latents, caps = self.unet_batch(step, gen)
+                ehs = te(self.tokens(caps))[0]  # last hidden state, as StableDiffusionPipeline uses
+                loss = diffusion_loss(unet, latents, ehs, self.sched, gen, prediction_type=cfg.prediction_type,
+                                      min_snr_gamma=cfg.min_snr_gamma or None, noise_offset=cfg.noise_offset)
+                if not torch.isfinite(loss):
+                    guard.step_done(step + 1, loss.item())  # stops the run, before the weights change
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
                 if ema:
-                    ve = self.eval_unet(ema["ema_unet"], ema["ema_text_encoder"], val)
-                    self.history["unet_val_ema"].append((done, ve))
-                    msg += f", val (EMA) {ve:.4f}"
-                _log(msg)
-            bar.update(loss=f"{loss.item():.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
-            if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
-                self.elapsed["unet"] += time.time() - t0
-                t0 = time.time()
-                save_checkpoint(self.dir / checkpoint_name("unet", done), step=done, modules=modules,
-                                optimizers={"unet": opt}, generators={"unet": gen}, extra=self._extra("unet"))
-                prune_checkpoints(self.dir, "unet", cfg.keep_checkpoints)
-                self._plot()
-            step += 1
+                    # decay warms up so the average is not dominated by the random initialisation
+                    d = min(cfg.ema_decay, (1 + step) / (10 + step))
+                    ema_update(ema["ema_unet"], unet, d)
+                    ema_update(ema["ema_text_encoder"], te, d)
+                acc += loss.item()
+                n_acc += 1
+                done = step + 1
+                guard.step_done(done, loss.item())
+                if done % cfg.log_every == 0 or done == cfg.unet_steps:
+                    self.history["unet_loss"].append((done, acc / n_acc))
+                    acc, n_acc = 0.0, 0
+                if done % cfg.eval_every == 0 or done == cfg.unet_steps:
+                    v = self.eval_unet(unet, te, val)
+                    self.history["unet_val"].append((done, v))
+                    msg = f"stage 2 step {done}/{cfg.unet_steps}: loss {loss.item():.4f}, val {v:.4f}"
+                    if ema:
+                        ve = self.eval_unet(ema["ema_unet"], ema["ema_text_encoder"], val)
+                        self.history["unet_val_ema"].append((done, ve))
+                        msg += f", val (EMA) {ve:.4f}"
+                    _log(msg)
+                bar.update(loss=f"{loss.item():.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+                if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
+                    save(guard.keeper, done)
+                step += 1
         bar.close()
+        guard.keeper.finish()
         self.elapsed["unet"] += time.time() - t0
         self.used_ema = False
         if ema and self.history["unet_val_ema"] and self.history["unet_val_ema"][-1][1] <= self.history["unet_val"][-1][1]:
@@ -609,7 +656,7 @@ class _Run:
             export.unet.to(dtype=torch.float16)
             export.vae.to(dtype=torch.float16)
         save_model(export, out)
-        (out / "README.md").write_text(self.readme())
+        write_text(out / "README.md", self.readme())
         return out
 
     def readme(self) -> str:
@@ -697,37 +744,56 @@ Settings that differ from the PretrainConfig defaults: {json.dumps({k: v for k, 
         rows = []
         for i in range(0, cfg.samples, cols):
             rows += [truth[i:i + cols], imgs[i:i + cols] * 2 - 1]
-        _to_uint8_grid(torch.cat(rows), cols=cols).save(self.dir / "samples.png")
-        (self.dir / "samples.txt").write_text(
+        grid = _to_uint8_grid(torch.cat(rows), cols=cols)
+        atomic_write(self.dir / "samples.png", lambda tmp: grid.save(tmp, format="PNG"))
+        write_text(self.dir / "samples.txt",
             "rows alternate: rendered truth, then the model's sample for the same prompt\n"
             + "\n".join(f"{i:2d}: {p}" for i, p in enumerate(prompts)) + "\n")
 
 
+def _outside_package(path: Path, what: str) -> None:
+    """Pretraining never writes into the installed package (the shipped model and code live there)."""
+    import sdknobs
+
+    pkg = Path(sdknobs.__file__).resolve().parent
+    target = path.expanduser().resolve()
+    if target == pkg or pkg in target.parents:
+        raise SdknobsError(f"{what} {str(path)!r} is inside the installed sdknobs package ({pkg}); pretraining never "
+                           f"writes there: choose a folder outside it, e.g. --out out/shapes-pretrain, and load the "
+                           f"result with --model FOLDER")
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
-    """Run (or resume) both stages and write the diffusers folder `cfg.out`; returns its path."""
+    """Run (or resume) both stages and write the diffusers folder `cfg.out`; returns its path.
+
+    Checked before anything is created: --out (outside the package, a new or empty folder, or with
+    --overwrite a model folder), --run-dir, and what it holds (see training.runs.resume_point)."""
+    out, run_dir = Path(cfg.out), Path(cfg.run_dir)
+    for path, what in ((out, "--out"), (run_dir, "--run-dir")):
+        _outside_package(path, what)
+    check_folder(run_dir, "--run-dir")
+    stage, ckpt, data = resume_point(run_dir, STAGES, cfg.resume, cfg.overwrite, out, _warn) or (None, None, None)
+    same_out = ckpt is not None and Path(str(data[1]["extra"].get("config", {}).get("out", ""))).absolute() == out.absolute()
+    check_out_path(out, "--out", overwrite=cfg.overwrite or same_out, folder=True)
+    check_writable(out.parent, "--out")
     torch.set_num_threads(cfg.threads)
     if cfg.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 range, ~10-bit mantissa, much faster
-    run_dir = Path(cfg.run_dir)
+    if cfg.overwrite:
+        clear(run_dir, STAGES)
+    remove_stale(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    existing = list_checkpoints(run_dir)
-    if existing and not cfg.resume:
-        raise SdknobsError(f"{run_dir} already holds checkpoints ({existing[-1].name}); pass --resume to "
-                           f"continue, or choose another --run-dir / delete it")
     t_start = time.time()
     run = _Run(cfg)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    unet_ckpt = latest_checkpoint(run_dir, "unet") if cfg.resume else None
-    if unet_ckpt is None:
-        vae_ckpt = latest_checkpoint(run_dir, "vae") if cfg.resume else None
-        if vae_ckpt is not None and int(vae_ckpt.name.rsplit("-", 1)[1]) >= cfg.vae_steps:
-            st = load_checkpoint(vae_ckpt, modules={"vae": run.model.vae})
-            run._restore_extra(st["extra"])
-            run.model.vae.eval().requires_grad_(False)
-            _log(f"stage 1 already done ({vae_ckpt.name})")
-        else:
-            run.train_vae(vae_ckpt)
-    run.train_unet(unet_ckpt)
+    write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    if stage == "vae" and step_of(ckpt) >= cfg.vae_steps:
+        st = load_checkpoint(ckpt, modules={"vae": run.model.vae}, data=data)
+        run._restore_extra(st["extra"])
+        run.model.vae.eval().requires_grad_(False)
+        _log(f"stage 1 already done ({ckpt.name})")
+    elif stage != "unet":
+        run.train_vae(ckpt, data)
+    run.train_unet(ckpt if stage == "unet" else None, data)
     run._plot()
     out = run.export()
     _log(f"wrote {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
@@ -756,6 +822,8 @@ def main(argv: list[str] | None = None) -> int:
     except SdknobsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

@@ -5,7 +5,8 @@
   falls back past broken ones; without it, existing checkpoints are an error naming --resume and --overwrite);
 - `Keeper`: checkpoints pruned to --keep-checkpoints but never the newest good one, and the stop on a
   non-finite loss that removes the checkpoint whose weights gave it;
-- `DeferredInterrupt`: the first Ctrl-C lets the step finish, so the loop can save it and then exit.
+- `DeferredInterrupt`: the first Ctrl-C lets the step finish, so the loop can save it and then exit;
+- `Guard`: both of those around a training loop.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from pathlib import Path
 
 from sdknobs.atomic import check_out_path
 from sdknobs.errors import SdknobsError
-from sdknobs.training.checkpoint import (checkpoint_name, latest_checkpoint, list_checkpoints, newest_whole,
-                                         prune_checkpoints, remove_stale, save_checkpoint, step_of)
+from sdknobs.training.checkpoint import (NonFiniteWeights, checkpoint_name, latest_checkpoint, list_checkpoints,
+                                         newest_whole, prune_checkpoints, remove_stale, save_checkpoint, step_of)
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.manual_seed / Generator.manual_seed accept
 
@@ -196,4 +197,51 @@ class DeferredInterrupt:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
             self._old = None
+        return False
+
+
+class Guard:
+    """The body of a training loop, kept whole:
+
+        with Guard(keeper, save, "--learning-rate", warn, start) as g:
+            for step in ...:
+                if g.stop: break                  # Ctrl-C was pressed: the step before was the last
+                loss = one_step(step)
+                g.step_done(step + 1, loss)       # a non-finite loss stops the run (Keeper.nonfinite)
+                ... save(step + 1) when due       # NonFiniteWeights stops it too
+
+    On leaving after a Ctrl-C, the last finished step is saved (`save(done)`), the resume hint goes to `warn`
+    and KeyboardInterrupt is raised (the CLI exits 130)."""
+
+    def __init__(self, keeper: Keeper, save, lr_flag: str, warn, start: int, label: str = "", enabled: bool = True):
+        self.keeper, self.save, self.lr_flag, self.warn, self.done, self.label = keeper, save, lr_flag, warn, start, label
+        self.interrupt = DeferredInterrupt(enabled)
+
+    @property
+    def stop(self) -> bool:
+        return self.interrupt.requested
+
+    def __enter__(self):
+        self.interrupt.__enter__()
+        return self
+
+    def step_done(self, done: int, loss: float) -> None:
+        self.done = done
+        if not math.isfinite(loss):
+            raise self.keeper.nonfinite(f"{self.label}the training loss became {loss} at step {done}", self.lr_flag)
+        self.keeper.finite_step()
+
+    def __exit__(self, typ, exc, tb):
+        self.interrupt.__exit__()
+        try:
+            if typ is None and self.interrupt.requested:
+                self.warn(self.keeper.interrupted(self.done, self.save))
+                raise KeyboardInterrupt
+        except NonFiniteWeights as e:
+            typ, exc = NonFiniteWeights, e
+        if typ is not None and issubclass(typ, NonFiniteWeights):
+            raise self.keeper.nonfinite(f"{self.label}the weights became non-finite at step {self.done} ({exc})",
+                                        self.lr_flag) from None
+        if typ is not None and issubclass(typ, KeyboardInterrupt):  # a second Ctrl-C, mid-step: nothing saved now
+            self.warn(self.keeper.interrupted(self.done))
         return False

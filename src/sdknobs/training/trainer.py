@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -47,8 +46,7 @@ from sdknobs.training.dist import _Dist, accelerator_from_env  # noqa: F401  (re
 from sdknobs.training.method import (Method, ParamSubsetMethod, _atomic_write_text, _named_parameters,  # noqa: F401
                                      atomic_save_file)
 from sdknobs.training.plots import loss_curve_png
-from sdknobs.training.runs import (DeferredInterrupt, Keeper, check_file, check_folder, check_numbers, clear,
-                                   resume_point)
+from sdknobs.training.runs import Guard, Keeper, check_file, check_folder, check_numbers, clear, resume_point
 from sdknobs.training.step import StepTrace, diffusion_loss, make_noise_scheduler
 
 LR_SCHEDULERS = ("constant", "cosine", "linear")
@@ -113,6 +111,10 @@ class TrainConfig:
 
         need(bool(self.data_dir), "--data-dir is required: a folder of images with captions")
         check_numbers(self)
+        if self.device:
+            from sdknobs.model import check_device
+
+            check_device(self.device)
         need(bool(self.out), "--out is required: the file to write")
         need(self.mixed_precision in MIXED_PRECISION, f"--mixed-precision {self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}")
         need(self.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler {self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}")
@@ -490,19 +492,16 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {method.name}", disable=not (cfg.progress and dist.main),
                dynamic_ncols=True, mininterval=1.0)
     s.train_mode(True)
-    done = start
     try:
-        with DeferredInterrupt(enabled=dist.world == 1) as stop:
+        with Guard(keeper, checkpoint, lr_flag, lambda m: say(m, warn=True), start, enabled=dist.world == 1) as g:
             if validating and start == 0:
                 validate(0)
             for step in range(start, cfg.steps):
-                if stop.requested:
+                if g.stop:
                     break
                 loss = s.optimizer_step(step)
                 done = step + 1
-                if not math.isfinite(loss):
-                    raise keeper.nonfinite(f"the training loss became {loss} at step {done}", lr_flag)
-                keeper.finite_step()
+                g.step_done(done, loss)
                 hist["train_loss"].append((done, loss))
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{s.sched.get_last_lr()[0]:.2e}", refresh=False)
                 bar.update(1)
@@ -510,15 +509,6 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
                     validate(done)
                 if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
                     checkpoint(done)
-            if stop.requested:
-                say(keeper.interrupted(done, checkpoint), warn=True)
-                raise KeyboardInterrupt
-    except NonFiniteWeights as e:
-        raise keeper.nonfinite(f"the weights became non-finite at step {done} ({e})", lr_flag) from None
-    except KeyboardInterrupt:
-        if not stop.requested:  # a second Ctrl-C, or one outside the main thread: nothing saved now
-            say(keeper.interrupted(done), warn=True)
-        raise
     finally:
         bar.close()
         s.close()
