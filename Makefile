@@ -17,13 +17,13 @@ $(BIN)/.installed: pyproject.toml
 env: $(BIN)/.installed
 
 demo: env
-	$(BIN)/python -m sdknobs.demo --out out
+	$(BIN)/python -m sdknobs.demo --out out --overwrite   # re-runnable: replaces its own pictures
 
 test: env
 	$(BIN)/python -m pytest -q
 
 results: env
-	$(BIN)/sdknobs bench quality --grid out/quality_samples.png
+	$(BIN)/sdknobs bench quality --grid out/quality_samples.png --overwrite
 	$(BIN)/python -m sdknobs.lora.results    # ~10 min on 1 core: docs/lora.md, docs/lora/
 	$(BIN)/python -m sdknobs.ti.results      # ~8 min on 1 core: docs/textual_inversion.md
 

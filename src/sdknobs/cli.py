@@ -1,16 +1,46 @@
 """The command line: thin. It builds configs from flags, calls the library, writes files.
-Library errors (SdknobsError) become one line on stderr and exit code 2, with nothing written."""
+
+Exit codes: 0 done; 2 bad input (a SdknobsError, a flag argparse refuses, a file that cannot be
+written, memory that does not fit), one line on stderr and nothing written; 1 a bug (one line naming
+the command and the exception; `-v` shows the traceback); 130 interrupted (Ctrl-C)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import math
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from sdknobs.errors import SdknobsError
 
 log = logging.getLogger("sdknobs")
+
+
+def finite_float(text: str) -> float:
+    """argparse type for every float flag: a finite number (NaN and inf are refused)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with our rules, for every command and subcommand: float flags must be finite, and a
+    refused flag is one line on stderr with exit code 2 (no usage block)."""
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("type") is float:
+            kwargs["type"] = finite_float
+        return super().add_argument(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
@@ -59,17 +89,23 @@ def train_config_from_args(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
-def _outputs(out: str, n: int) -> list[Path]:
+def _outputs(out: str, n: int, overwrite: bool = False) -> list[Path]:
+    """The PNG paths a command will write, checked before any work (`atomic.check_out_path`)."""
+    from sdknobs.atomic import check_out_path
+
     p = Path(out)
     if p.suffix.lower() != ".png":
         raise SdknobsError(f"--out {out!r} must end in .png")
-    return [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
+    paths = [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
+    for q in paths:
+        check_out_path(q, "--out", overwrite)
+    return paths
 
 
 def _write(result, out: str) -> None:
     from sdknobs.images import save_png
 
-    for path, image, params in zip(_outputs(out, len(result.images)), result.images, result.parameters):
+    for path, image, params in zip(_outputs(out, len(result.images), overwrite=True), result.images, result.parameters):
         save_png(image, path, params)
         print(path)
 
@@ -94,7 +130,7 @@ def _model(cfg):
 def cmd_generate(cfg):
     from sdknobs.pipelines import generate
 
-    _outputs(cfg.out, cfg.batch)
+    _outputs(cfg.out, cfg.batch, cfg.overwrite)
     _write(generate(_model(cfg), cfg.prompt, **cfg.sample_kwargs()), cfg.out)
 
 
@@ -102,7 +138,7 @@ def cmd_img2img(cfg):
     from sdknobs.images import load_image
     from sdknobs.pipelines import img2img
 
-    _outputs(cfg.out, cfg.batch)
+    _outputs(cfg.out, cfg.batch, cfg.overwrite)
     image = load_image(cfg.image, "--image")
     r = img2img(_model(cfg), image, cfg.prompt, strength=cfg.strength, **cfg.sample_kwargs())
     log.info("start step %d of %d, t=%.0f, alpha_bar=%.4f", r.start.index, cfg.steps, r.start.timestep, r.start.alpha_bar)
@@ -113,7 +149,7 @@ def cmd_inpaint(cfg):
     from sdknobs.images import load_image
     from sdknobs.pipelines import inpaint
 
-    _outputs(cfg.out, cfg.batch)
+    _outputs(cfg.out, cfg.batch, cfg.overwrite)
     image, mask = load_image(cfg.image, "--image"), load_image(cfg.mask, "--mask", mode="L")
     r = inpaint(_model(cfg), image, mask, cfg.prompt, strength=cfg.strength, mask_blur=cfg.mask_blur,
                 only_masked=cfg.only_masked, padding=cfg.padding, resize_mask=cfg.resize_mask, **cfg.sample_kwargs())
@@ -124,7 +160,7 @@ def cmd_outpaint(cfg):
     from sdknobs.images import load_image
     from sdknobs.pipelines import outpaint
 
-    _outputs(cfg.out, cfg.batch)
+    _outputs(cfg.out, cfg.batch, cfg.overwrite)
     kw = cfg.sample_kwargs()
     kw.pop("width"), kw.pop("height")
     r = outpaint(_model(cfg), load_image(cfg.image, "--image"), cfg.prompt, left=cfg.left, right=cfg.right,
@@ -137,7 +173,7 @@ def cmd_sweep_strength(cfg):
     from sdknobs.images import a1111_parameters, load_image, save_png
     from sdknobs.pipelines import sweep_strength
 
-    _outputs(cfg.out, 1)
+    _outputs(cfg.out, 1, cfg.overwrite)
     kw = cfg.sample_kwargs()
     for k in ("seed", "batch", "steps"):
         kw.pop(k)
@@ -185,7 +221,7 @@ SAMPLERS = {
 def build_parser() -> argparse.ArgumentParser:
     from sdknobs import config
 
-    p = argparse.ArgumentParser(prog="sdknobs", description="Customize Stable Diffusion: LoRA, img2img/inpainting, textual inversion.")
+    p = Parser(prog="sdknobs", description="Customize Stable Diffusion: LoRA, img2img/inpainting, textual inversion.")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help, cls_name, fn) in SAMPLERS.items():
@@ -211,7 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     from sdknobs.lora import cli as lora_cli
 
     lora_cli.register_cli(sub)
+    _verbose_everywhere(p)
     return p
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`-v` after the command too (`sdknobs generate ... -v`), not only before it."""
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sp in a.choices.values():
+                if not any("-v" in x.option_strings for x in sp._actions):
+                    sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more")
+                _verbose_everywhere(sp)
 
 
 def cmd_pretrain(cfg):
@@ -230,7 +277,13 @@ def _quiet_libraries():
     transformers.utils.logging.disable_progress_bar()
 
 
+def _command(argv: list[str]) -> str:
+    words = [a for a in argv if not a.startswith("-")][:2]
+    return "sdknobs " + " ".join(words) if words else "sdknobs"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="sdknobs: %(levelname)s: %(message)s")
@@ -238,12 +291,34 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         cfg = config_from_args(args.config, args) if args.config is not None else args
         args.func(cfg)
+        sys.stdout.flush()
     except SdknobsError as e:
-        print(f"sdknobs: error: {e}", file=sys.stderr)
+        print("sdknobs: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
         print("sdknobs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sdknobs ... | head`: the reader left; end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as e:  # a file that cannot be read or written: the user's to fix
+        if args.verbose:
+            traceback.print_exc()
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"sdknobs: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"sdknobs: error: {_command(argv)} ran out of memory; use a smaller --width/--height or --batch",
+              file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: one line, the traceback only with -v
+        if args.verbose:
+            traceback.print_exc()
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"sdknobs: internal error in {_command(argv)}: {type(e).__name__}: {msg} "
+              f"(a bug; rerun with -v for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,17 +2,31 @@
 from these fields (`cli.add_config_args`), and the Python API takes the same names."""
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from sdknobs.errors import SdknobsError
 from sdknobs.images import check_multiple
-from sdknobs.loop import SCHEDULERS, check_strength
+from sdknobs.loop import SCHEDULERS, check_seed, check_strength
 
 
 def _f(default, help, **kw):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+MAX_BATCH = 1024  # pictures in one sampling call (each is a file); memory is checked against the model later
+
+
+def check_numbers(cfg) -> None:
+    """Every float field (and list of floats) of a config is finite: NaN and inf are refused by name."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise SdknobsError(f"--{f.name.replace('_', '-')} must be a finite number, got {x}")
 
 
 @dataclass
@@ -23,14 +37,16 @@ class SampleConfig:
     negative_prompt: str = _f("", "what to steer away from (the unconditional branch of guidance)")
     model: str = _f("shapes", "a diffusers folder, a single-file .safetensors checkpoint, or an embedded name (shapes)")
     model_config: str = _f("", "for a single-file checkpoint of another architecture: a diffusers folder with its configs")
-    seed: int = _f(0, "random seed; the same seed and settings give the same picture")
+    seed: int = _f(0, "random seed; the same seed and settings give the same picture; -1 draws one (recorded in the PNG)")
     steps: int = _f(30, "number of sampler steps (img2img runs int(steps * strength) of them)")
     guidance: float = _f(7.5, "classifier-free guidance scale; 1.0 skips the unconditional pass")
     scheduler: str = _f("ddim", f"sampler: {', '.join(SCHEDULERS)}")
     width: int = _f(0, "output width in px, a multiple of 8 (0: the model's or the image's size)")
     height: int = _f(0, "output height in px, a multiple of 8 (0: the model's or the image's size)")
-    batch: int = _f(1, "images per prompt")
-    out: str = _f("out/image.png", "output PNG path (with --batch N: NAME-0.png ... NAME-{N-1}.png)")
+    batch: int = _f(1, "images per prompt (1..1024)")
+    out: str = _f("out/image.png", "output PNG path (with --batch N: NAME-0.png ... NAME-{N-1}.png); an existing file is "
+                                   "an error unless --overwrite")
+    overwrite: bool = _f(False, "replace existing output files")
     device: str = _f("", "cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     dtype: str = _f("", "fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
     jit: bool = _f(False, "sample with a TorchScript-frozen U-Net: ~20%% faster per step on CPU after a one-off trace of "
@@ -41,10 +57,15 @@ class SampleConfig:
                         "steps (@0.6-1 = the last 40 percent) or a timestep bound (@t<400)", type=str, repeatable=True)
 
     def __post_init__(self):
+        check_numbers(self)
+        from sdknobs.model import resolve_device_dtype
+
+        check_seed(self.seed)
+        resolve_device_dtype(self.device or None, self.dtype or None)
         if self.steps < 1:
             raise SdknobsError(f"--steps must be >= 1, got {self.steps}")
-        if self.batch < 1:
-            raise SdknobsError(f"--batch must be >= 1, got {self.batch}")
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise SdknobsError(f"--batch must be in 1..{MAX_BATCH} pictures, got {self.batch}")
         if self.guidance < 0:
             raise SdknobsError(f"--guidance must be >= 0, got {self.guidance}")
         from sdknobs.lora.spec import parse_spec
@@ -61,9 +82,6 @@ class SampleConfig:
         return dict(negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.guidance,
                     scheduler=self.scheduler, seed=self.seed, width=self.width or None,
                     height=self.height or None, batch=self.batch)
-
-
-
 
 
 @dataclass
@@ -108,8 +126,11 @@ class OutpaintConfig(SampleConfig):
     def __post_init__(self):
         super().__post_init__()
         check_strength(self.strength)
-        if min(self.left, self.right, self.top, self.bottom, self.overlap) < 0:
-            raise SdknobsError("--left/--right/--top/--bottom/--overlap must be >= 0")
+        for name in ("left", "right", "top", "bottom", "overlap"):
+            if getattr(self, name) < 0:
+                raise SdknobsError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.left + self.right + self.top + self.bottom == 0:
+            raise SdknobsError("nothing to extend: give --left, --right, --top or --bottom (px)")
         if self.fill not in ("edge", "noise"):
             raise SdknobsError(f"--fill {self.fill!r} is not known; choose edge or noise")
 
@@ -125,3 +146,9 @@ class SweepConfig(SampleConfig):
         super().__post_init__()
         for s in self.strengths:
             check_strength(s)
+        if not self.strengths or not self.seeds:
+            raise SdknobsError("--strengths and --seeds need at least one value each")
+        for seed in self.seeds:
+            check_seed(seed)
+        if self.scale < 1 or self.scale > 64:
+            raise SdknobsError(f"--scale must be in 1..64, got {self.scale}")

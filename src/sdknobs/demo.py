@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,7 +36,15 @@ def _label(image: Image.Image, text: str) -> Image.Image:
     return out
 
 
-def run(out: Path, model_name: str = "shapes", steps: int = 30, guidance: float = 3.0) -> list[Path]:
+FILES = ("prompt_grid.png", "sweep_source.png", "strength_sweep.png", "inpaint_before_after.png", "outpaint.png")
+
+
+def run(out: Path, model_name: str = "shapes", steps: int = 30, guidance: float = 3.0,
+        overwrite: bool = False) -> list[Path]:
+    from sdknobs.atomic import check_out_path
+
+    for name in FILES:  # before any work: never replace a file unless asked
+        check_out_path(out / name, "--out", overwrite)
     try:
         model = load_model(model_name)
     except SdknobsError as e:
@@ -98,14 +107,20 @@ def main(argv=None):
     ap.add_argument("--out", default="out")
     ap.add_argument("--model", default="shapes")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--overwrite", action="store_true", help="replace the pictures of an earlier demo run")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from sdknobs.cli import _quiet_libraries
 
     _quiet_libraries()
-    for p in run(Path(a.out), a.model, a.steps):
-        print(f"wrote {p}")
+    try:
+        for p in run(Path(a.out), a.model, a.steps, overwrite=a.overwrite):
+            print(f"wrote {p}")
+    except SdknobsError as e:
+        print(f"sdknobs demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

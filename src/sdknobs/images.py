@@ -6,21 +6,58 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFilter, ImageOps, PngImagePlugin
 
 from sdknobs.atomic import atomic_write
 from sdknobs.errors import SdknobsError
 
 
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # ~179 MP, PIL's own limit: larger files are refused before decoding
+
+
+def _flatten(im: Image.Image, background: int) -> Image.Image:
+    """Any PIL mode -> RGB with the image's meaning kept: EXIF orientation applied; 16-bit and 32-bit
+    integer greyscale scaled to 8 bits (not clipped); float greyscale from [0, 1]; transparency
+    (alpha, palette or greyscale with alpha) composited onto `background` (255 white, 0 black)."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            a = a * 255.0 if a.size and a.max() <= 1.0 else a
+        elif a.size and (im.mode.startswith("I;16") or a.max() > 255):
+            a = a / 257.0  # 65535 -> 255
+        im = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("LA", "La", "PA", "RGBa") or (im.mode == "L" and "transparency" in im.info):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        bg = Image.new("RGBA", im.size, (background, background, background, 255))
+        im = Image.alpha_composite(bg, im)
+    return im.convert("RGB")
+
+
 def load_image(path: str | Path, what: str = "--image", mode: str = "RGB") -> Image.Image:
+    """Read a picture for sampling or training, or raise SdknobsError naming `what` and the file.
+
+    Masks (mode "L") put transparent pixels on black (= keep), pictures on white, as A1111 does."""
     p = Path(path)
     if not p.is_file():
-        raise SdknobsError(f"{what} {str(path)!r}: no such file")
+        raise SdknobsError(f"{what} {str(path)!r}: no such file" + (" (it is a folder)" if p.is_dir() else ""))
+    too_big = f"{what} {str(path)!r}: sdknobs reads pictures up to {MAX_PIXELS // 10**6} megapixels; make it smaller first"
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own size check, with the size named
     try:
         with Image.open(p) as im:
-            return im.convert(mode)
+            if im.width * im.height > MAX_PIXELS:
+                raise SdknobsError(f"{too_big} (it is {im.width}x{im.height})")
+            im.load()
+            return _flatten(im, 0 if mode == "L" else 255).convert(mode)
+    except SdknobsError:
+        raise
     except Exception as e:  # PIL raises several types for unreadable files
         raise SdknobsError(f"{what} {str(path)!r}: not a readable image ({e.__class__.__name__}: {e})") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def check_multiple(name: str, v: int, multiple: int) -> None:
@@ -116,9 +153,12 @@ def extend_canvas(image: Image.Image, left: int, right: int, top: int, bottom: i
         canvas[top : top + H, left : left + W] = a
     else:
         raise SdknobsError(f"outpaint: --fill {fill!r} is not known; choose edge or noise")
-    mask = Image.new("L", (canvas.shape[1], canvas.shape[0]), 255)
     keep = (left + (overlap if left else 0), top + (overlap if top else 0),
             left + W - (overlap if right else 0), top + H - (overlap if bottom else 0))
+    if overlap < 0 or keep[2] <= keep[0] or keep[3] <= keep[1]:
+        raise SdknobsError(f"outpaint: --overlap {overlap} leaves nothing of the {W}x{H} image to keep; it must be "
+                           f">= 0 and less than the image's size (half of it where both opposite sides are extended)")
+    mask = Image.new("L", (canvas.shape[1], canvas.shape[0]), 255)
     ImageDraw.Draw(mask).rectangle([keep[0], keep[1], keep[2] - 1, keep[3] - 1], fill=0)
     return Image.fromarray(canvas), mask
 
@@ -134,8 +174,6 @@ def a1111_parameters(prompt: str, negative_prompt: str, **fields) -> str:
 
 def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:
     """Write a PNG atomically (temporary name, then rename), with a `parameters` text chunk."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)

@@ -42,8 +42,27 @@ def make_scheduler(name: str, config: dict):
     return getattr(diffusers, cls_name).from_config({**cfg, **overrides})
 
 
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+
+
+def check_seed(seed: int, what: str = "--seed") -> None:
+    """-1 (draw one, A1111's habit) or 0..2**64-1."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not (seed == -1 or 0 <= seed <= SEED_MAX):
+        raise SdknobsError(f"{what} must be -1 (random) or an integer in 0..{SEED_MAX}, got {seed!r}")
+
+
+def resolve_seed(seed: int) -> int:
+    """The seed a run uses: -1 becomes a fresh random one (recorded with the picture)."""
+    check_seed(seed)
+    if seed == -1:
+        import secrets
+
+        return secrets.randbelow(2**32)
+    return seed
+
+
 def check_strength(strength: float) -> None:
-    if not 0.0 <= strength <= 1.0:
+    if not 0.0 <= strength <= 1.0:  # also refuses NaN
         raise SdknobsError(f"--strength must be in [0, 1], got {strength}")
 
 

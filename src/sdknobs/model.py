@@ -89,18 +89,45 @@ def detect_family(text_width: int, name: str = "") -> str:
     return FAMILY_BY_TEXT_WIDTH.get(text_width, "custom")
 
 
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+CUDA_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+
+
+def check_device(device: str | None) -> torch.device:
+    """The torch device for `--device` (default: cuda if available, else cpu); SdknobsError for one that
+    is unknown, unsupported (mps and the rest: sdknobs runs on cpu and cuda) or absent on this machine."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SdknobsError(f"--device {device!r} is not a device; expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SdknobsError(f"--device {device!r}: sdknobs runs on cpu or cuda, not {dev.type}")
+    if dev.type == "cuda":
+        if torch.version.cuda is None:
+            raise SdknobsError(f"--device {device!r}: this torch ({torch.__version__}) is a CPU build; on a GPU "
+                               f"machine install a CUDA build ({CUDA_INSTALL}) or use --device cpu")
+        if not torch.cuda.is_available():
+            raise SdknobsError(f"--device {device!r}: no CUDA GPU is visible (check the driver and "
+                               f"CUDA_VISIBLE_DEVICES) or use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SdknobsError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                               f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
     """fp32 on CPU; fp16 on CUDA unless told otherwise."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if dtype is None:
+    dev = check_device(device)
+    if not dtype:
         return dev, (torch.float16 if dev.type == "cuda" else torch.float32)
-    if dtype not in names:
+    if dtype not in DTYPES:
         raise SdknobsError(f"--dtype {dtype!r} is not known; choose one of fp32, fp16, bf16")
-    if dev.type == "cpu" and names[dtype] == torch.float16:
+    if dev.type == "cpu" and DTYPES[dtype] == torch.float16:
         raise SdknobsError("--dtype fp16 is not supported on the CPU; use fp32 or bf16")
-    return dev, names[dtype]
+    return dev, DTYPES[dtype]
 
 
 def load_model(model: str | Path = "shapes", device: str | None = None, dtype: str | None = None,
@@ -148,17 +175,32 @@ def _load_folder(path: Path, dtype: torch.dtype) -> Model:
             f"model folder {path} is missing component folder(s) {', '.join(missing)}; a diffusers "
             f"Stable Diffusion folder needs {', '.join(COMPONENTS)}"
         )
+    for c in ("text_encoder", "unet", "vae"):  # from_pretrained would unpickle .bin files: refuse them
+        if not any((path / c).glob("*.safetensors")):
+            pickled = sorted(p.name for p in (path / c).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            found = f"only pickled weights ({', '.join(pickled)})" if pickled else "no weights"
+            raise SdknobsError(
+                f"model folder {path}: {c}/ holds {found}; sdknobs reads only .safetensors (pickled files can run "
+                f"code when loaded); convert it, e.g. with diffusers' save_pretrained(safe_serialization=True)")
     sched_file = path / "scheduler" / "scheduler_config.json"
     if not sched_file.exists():
         raise SdknobsError(f"model folder {path}: missing {sched_file.relative_to(path)}")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, local_files_only=True)
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, local_files_only=True,
+                                                     use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, local_files_only=True,
+                                                    use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True,
+                                            use_safetensors=True)
     except (OSError, ValueError, EnvironmentError) as e:
         raise SdknobsError(f"model folder {path}: could not load a component: {str(e).splitlines()[0]}") from e
-    scheduler_config = json.loads(sched_file.read_text())
+    try:
+        scheduler_config = json.loads(sched_file.read_text())
+    except (OSError, ValueError) as e:
+        raise SdknobsError(f"model folder {path}: {sched_file.relative_to(path)} is not readable JSON ({e})") from e
+    if not isinstance(scheduler_config, dict):
+        raise SdknobsError(f"model folder {path}: {sched_file.relative_to(path)} holds no JSON object")
     family = detect_family(text_encoder.config.hidden_size)
     return Model(tokenizer, text_encoder, unet, vae, scheduler_config, family=family, source=str(path))
 
@@ -166,19 +208,16 @@ def _load_folder(path: Path, dtype: torch.dtype) -> Model:
 def save_model(m: Model, path: str | Path) -> Path:
     """Write `m` as a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads.
 
-    Written to a temporary sibling folder and renamed, so a failure never leaves half a model.
+    Written to a temporary sibling folder and renamed (`atomic.atomic_folder`), so a failure never
+    leaves half a model. Check the target first with `atomic.check_out_path(path, folder=True)`.
     """
-    import shutil
-    import tempfile
-
     import diffusers
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    from sdknobs.atomic import atomic_folder
+
+    def write(tmp: Path) -> None:
         m.tokenizer.save_pretrained(tmp / "tokenizer")
-        m.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        from sdknobs.te_layout import save_text_encoder; save_text_encoder(m.text_encoder, tmp / "text_encoder")  # noqa: E702,I001 - text_model. keys: transformers 4 and 5 load them
         m.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         m.vae.save_pretrained(tmp / "vae", safe_serialization=True)
         (tmp / "scheduler").mkdir()
@@ -197,10 +236,5 @@ def save_model(m: Model, path: str | Path) -> Path:
             "vae": ["diffusers", "AutoencoderKL"],
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return atomic_folder(path, write)

@@ -4,6 +4,8 @@ everywhere; the CLI mirrors them."""
 from __future__ import annotations
 
 import functools
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -14,8 +16,10 @@ from PIL import Image
 from sdknobs import images as im
 from sdknobs.errors import SdknobsError
 from sdknobs.fast import sampling_unet
-from sdknobs.loop import SCHEDULERS, StartInfo, denoise, make_scheduler, start_index
+from sdknobs.loop import SCHEDULERS, StartInfo, denoise, make_scheduler, resolve_seed, start_index
 from sdknobs.text import encode_prompt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,13 +31,50 @@ class Result:
 
 
 def _check_common(model, steps, guidance, batch, width, height):
-    if steps < 1:
-        raise SdknobsError(f"--steps must be >= 1, got {steps}")
+    max_steps = int(model.scheduler_config.get("num_train_timesteps", 1000))
+    if not 1 <= steps <= max_steps:
+        raise SdknobsError(f"--steps must be in 1..{max_steps} (the scheduler's training timesteps), got {steps}")
     if batch < 1:
         raise SdknobsError(f"--batch must be >= 1, got {batch}")
-    if guidance < 0:
-        raise SdknobsError(f"--guidance must be >= 0, got {guidance}")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise SdknobsError(f"--guidance must be a finite number >= 0, got {guidance}")
     im.check_size(width, height, model.size_multiple)
+    check_memory(model, width, height, batch, cfg=guidance > 1)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for tensors on `device`: CUDA's free memory, or the kernel's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def estimate_memory(model, width: int, height: int, batch: int) -> int:
+    """A lower bound on the activation bytes of one sampling run: the largest feature map of the VAE
+    decoder (full resolution, down to the latent) and of the U-Net (on `batch` latents), four live
+    at once (input, normalised, convolved, residual)."""
+    item = torch.empty((), dtype=model.dtype).element_size()
+    vae_ch = model.vae.config.block_out_channels
+    vae = max(c * (width >> i) * (height >> i) for i, c in enumerate(vae_ch))
+    f = model.vae_scale_factor
+    unet = batch * max(c * ((width // f) >> i) * ((height // f) >> i)
+                       for i, c in enumerate(model.unet.config.block_out_channels))
+    return 4 * item * max(vae, unet)
+
+
+def check_memory(model, width: int, height: int, batch: int, cfg: bool = True) -> None:
+    """SdknobsError, before any allocation, for a size or batch whose activations cannot fit (classifier-free
+    guidance runs the U-Net on 2 * batch latents)."""
+    need, have = estimate_memory(model, width, height, batch * (2 if cfg else 1)), available_memory(model.device)
+    if need > have:
+        raise SdknobsError(f"{width}x{height} px at batch {batch} needs at least {need / 2**30:.1f} GiB for activations, "
+                           f"but {have / 2**30:.1f} GiB is free on {model.device}; use a smaller --width/--height "
+                           f"or --batch")
 
 
 def _params(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, width, height, batch, **more):
@@ -142,6 +183,7 @@ def _run(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, wi
 def generate(model, prompt, *, negative_prompt="", steps=30, guidance=7.5, scheduler="ddim", seed=0,
              width=None, height=None, batch=1, callback=None, progress=True) -> Result:
     """txt2img: the loop at strength 1 from pure noise."""
+    seed = resolve_seed(seed)
     width, height = width or model.default_size, height or model.default_size
     _check_common(model, steps, guidance, batch, width, height)
     kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, width=width, height=height, batch=batch)
@@ -152,9 +194,17 @@ def generate(model, prompt, *, negative_prompt="", steps=30, guidance=7.5, sched
 
 
 def _prepare_image(model, image, width, height, what="--image"):
+    """The picture at the sampling size: --width/--height if given, else its own size, rounded to the
+    nearest multiple the model takes (with a notice)."""
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
         image = im.load_image(image, what)
-    width, height = width or image.width, height or image.height
+    if not width or not height:
+        k = model.size_multiple
+        w, h = width or max(k, round(image.width / k) * k), height or max(k, round(image.height / k) * k)
+        if (w, h) != image.size:
+            log.warning("%s is %dx%d px, not a multiple of %d: resized to %dx%d (pass --width/--height to choose)",
+                        what, image.width, image.height, k, w, h)
+        width, height = w, h
     if image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)
     return image, width, height
@@ -165,6 +215,7 @@ def _prepare_image(model, image, width, height, what="--image"):
 def img2img(model, image, prompt, *, strength=0.75, negative_prompt="", steps=30, guidance=7.5,
             scheduler="ddim", seed=0, width=None, height=None, batch=1, callback=None, progress=True) -> Result:
     """img2img: start from the image's latent noised to the start timestep that `strength` picks."""
+    seed = resolve_seed(seed)
     image, width, height = _prepare_image(model, image, width, height)
     _check_common(model, steps, guidance, batch, width, height)
     i0 = start_index(steps, strength)  # validates strength
@@ -189,6 +240,7 @@ def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=4.0, only_mas
     only_masked: inpaint the mask's bounding box (+padding) at full model resolution, then paste back.
     mask_blur: Gaussian radius (px) of the feathered paste-back, 0 = hard edge.
     `extra["raw"]` holds the decoded images before paste-back."""
+    seed = resolve_seed(seed)
     image, width, height = _prepare_image(model, image, width, height)
     if isinstance(mask, (str, bytes)) or hasattr(mask, "__fspath__"):
         mask = im.load_image(mask, "--mask", mode="L")
@@ -198,8 +250,10 @@ def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=4.0, only_mas
             raise SdknobsError(f"--mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
                                f"pass --resize-mask to resize it")
         mask = mask.resize(image.size, Image.NEAREST)
-    if mask_blur < 0:
-        raise SdknobsError(f"--mask-blur must be >= 0, got {mask_blur}")
+    if not (math.isfinite(mask_blur) and mask_blur >= 0):
+        raise SdknobsError(f"--mask-blur must be a finite number >= 0, got {mask_blur}")
+    if only_masked and padding < 0:
+        raise SdknobsError(f"--padding must be >= 0, got {padding}")
     start_index(steps, strength)  # validates strength
     kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, width=width, height=height, batch=batch)
     params = _params(model, prompt, negative_prompt, **kw, **{"Denoising strength": strength, "Mask blur": mask_blur})

@@ -54,6 +54,8 @@ def register_cli(sub) -> None:
     m.add_argument("--method", default="concat", help="combining into one file: concat (exact) or svd (to --rank)")
     m.add_argument("--rank", type=int, default=0, help="rank for --method svd")
     m.add_argument("--format", default="kohya", help="layout of a combined LoRA file: kohya or diffusers")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing --out file, or a model folder "
+                                                            "written before (never a folder holding other files)")
     model_args(m)
     m.set_defaults(func=cmd_merge, config=None)
 
@@ -128,6 +130,8 @@ def cmd_conflict(args) -> None:
     from sdknobs.lora.files import read_lora
     from sdknobs.lora.inspect import conflict
 
+    if args.top < 0:
+        raise SdknobsError(f"--top must be >= 0 (0 = all layers), got {args.top}")
     lines = conflict(read_lora(args.a), read_lora(args.b)).lines()
     body, summary = lines[:-3], lines[-3:]
     if args.top and len(body) > args.top:
@@ -136,6 +140,7 @@ def cmd_conflict(args) -> None:
 
 
 def cmd_merge(args) -> None:
+    from sdknobs.atomic import check_out_path
     from sdknobs.lora.files import read_lora, write_lora
     from sdknobs.lora.merge import combine
     from sdknobs.lora.spec import parse_spec
@@ -143,8 +148,23 @@ def cmd_merge(args) -> None:
     specs = [parse_spec(s) for s in args.loras]
     if any(s.window for s in specs):
         raise SdknobsError("lora merge: a window (@...) cannot be merged into fixed weights; drop it")
-    if args.out.endswith(".safetensors"):
-        w, err = combine([(read_lora(s.path), s.weight) for s in specs], args.method, args.rank or None)
+    to_file = args.out.endswith(".safetensors")
+    if to_file:
+        if args.method not in ("concat", "svd"):
+            raise SdknobsError(f"--method {args.method!r} is not known; choose concat or svd")
+        if args.method == "svd" and args.rank < 1:
+            raise SdknobsError(f"--method svd needs --rank >= 1, got {args.rank}")
+        if args.format not in ("kohya", "diffusers"):
+            raise SdknobsError(f"--format {args.format!r} is not known; choose kohya or diffusers")
+    elif Path(args.out).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".png"):
+        raise SdknobsError(f"--out {args.out!r}: a combined LoRA file must end in .safetensors; a merged model is a "
+                           f"folder (a name without a file suffix)")
+    if args.rank < 0:
+        raise SdknobsError(f"--rank must be >= 0, got {args.rank}")
+    check_out_path(args.out, "--out", args.overwrite, folder=not to_file)
+    loras = [(read_lora(s.path), s.weight) for s in specs]  # every file checked before any work
+    if to_file:
+        w, err = combine(loras, args.method, args.rank or None)
         write_lora(w, args.out, args.format)
         worst = max(err.values()) if err else 0.0
         print(f"{len(w.layers)} layers, {w.num_params():,} parameters, rank(s) {dict(w.ranks())}; "
