@@ -363,7 +363,7 @@ class _Run:
                     break
                 loss = self.vae_step(step, vae, opt, gen)
                 done = step + 1
-                guard.step_done(done, loss)
+                guard.step_done(done, loss, vae.parameters())
                 acc += loss
                 n_acc += 1
                 if done % cfg.log_every == 0 or done == cfg.vae_steps:
@@ -614,7 +614,7 @@ class _Run:
                 acc += loss.item()
                 n_acc += 1
                 done = step + 1
-                guard.step_done(done, loss.item())
+                guard.step_done(done, loss.item(), params)
                 if done % cfg.log_every == 0 or done == cfg.unet_steps:
                     self.history["unet_loss"].append((done, acc / n_acc))
                     acc, n_acc = 0.0, 0

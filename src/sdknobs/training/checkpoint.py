@@ -59,6 +59,12 @@ def nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
     return next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
 
 
+def all_finite(params) -> bool:
+    """True if every floating-point tensor in `params` holds only finite values (one device sync)."""
+    flags = [torch.isfinite(p.detach()).all() for p in params if p.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -174,14 +180,14 @@ _NAME = re.compile(r"^ckpt-(?P<stage>[a-z0-9_]+)-(?P<step>\d+)$")
 
 
 def list_checkpoints(run_dir: str | Path, stage: str | None = None) -> list[Path]:
-    """Checkpoint folders in `run_dir` (optionally of one stage), oldest step first."""
+    """Checkpoint folders in `run_dir` (optionally of one stage), oldest step first, whole or not."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
     found = []
     for p in run_dir.iterdir():
         m = _NAME.match(p.name)
-        if m and p.is_dir() and (p / STATE).exists() and (stage is None or m["stage"] == stage):
+        if m and p.is_dir() and (stage is None or m["stage"] == stage):  # whole or not: see read_checkpoint
             found.append((int(m["step"]), p))
     return [p for _, p in sorted(found)]
 
@@ -212,6 +218,14 @@ def prune_checkpoints(run_dir: str | Path, stage: str, keep: int, protect: Path 
     for p in list_checkpoints(run_dir, stage)[:-keep] if keep > 0 else []:
         if protect is None or p != Path(protect):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_stale_file(path: str | Path) -> None:
+    """Remove the temporary files a killed atomic write of `path` left beside it (.<name>.*.tmp)."""
+    path = Path(path)
+    for p in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else []:
+        if p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def remove_stale(run_dir: str | Path) -> None:

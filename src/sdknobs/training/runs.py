@@ -21,8 +21,9 @@ from pathlib import Path
 
 from sdknobs.atomic import check_out_path
 from sdknobs.errors import SdknobsError
-from sdknobs.training.checkpoint import (NonFiniteWeights, checkpoint_name, latest_checkpoint, list_checkpoints,
-                                         newest_whole, prune_checkpoints, remove_stale, save_checkpoint, step_of)
+from sdknobs.training.checkpoint import (NonFiniteWeights, all_finite, checkpoint_name, latest_checkpoint,
+                                         list_checkpoints, newest_whole, prune_checkpoints, remove_stale,
+                                         save_checkpoint, step_of)
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.manual_seed / Generator.manual_seed accept
 
@@ -103,7 +104,7 @@ def resume_point(run_dir: Path, stages: tuple[str, ...], resume: bool, overwrite
                            + "; drop --resume to start a new run, or give the --run-dir of the run to continue")
     if found and not overwrite:
         if Path(out).exists():
-            raise SdknobsError(f"{str(out)!r} and its checkpoints in --run-dir {str(run_dir)!r} ({found[-1].name}) are a "
+            raise SdknobsError(f"--out {str(out)!r} and its checkpoints in --run-dir {str(run_dir)!r} ({found[-1].name}) are a "
                                f"finished run: pass --resume to continue it (e.g. with more --steps), or --overwrite "
                                f"to train again from scratch")
         raise SdknobsError(f"--run-dir {str(run_dir)!r} already holds checkpoints ({found[-1].name}); pass --resume to "
@@ -122,7 +123,7 @@ def clear(run_dir: Path, stages: tuple[str, ...]) -> None:
 
 class Keeper:
     """The checkpoints of one stage. A checkpoint is *good* once a step trained from its weights gave a
-    finite loss (or it is where this session resumed); pruning to `keep` never deletes the newest good one,
+    finite loss and finite weights (or it is where this session resumed); pruning to `keep` never deletes the newest good one,
     so a loss that turns non-finite right after a checkpoint still leaves one to go on from."""
 
     def __init__(self, run_dir: Path, stage: str, keep: int, resumed: Path | None = None):
@@ -138,7 +139,7 @@ class Keeper:
         return p
 
     def finite_step(self) -> None:
-        """A step gave a finite loss: the weights it started from (the newest checkpoint's) are good."""
+        """A step gave a finite loss and weights: the weights it started from (the newest checkpoint's) are good."""
         if self.pending is not None:
             self.good, self.pending = self.pending, None
             prune_checkpoints(self.run_dir, self.stage, self.keep, protect=self.good)
@@ -153,11 +154,11 @@ class Keeper:
         msg = f"{what}: training stopped"
         if self.pending is not None:
             shutil.rmtree(self.pending, ignore_errors=True)
-            msg += f"; removed {self.pending.name} (its weights give that loss)"
+            msg += f"; removed {self.pending.name} (training on from it gives that)"
         if self.good is not None:
             return SdknobsError(f"{msg}; kept {str(self.good)!r} (finite weights and loss): continue from it with "
                                 f"--resume and a lower {lr_flags}")
-        return SdknobsError(f"{msg} before a checkpoint was kept; start again with a lower {lr_flags}")
+        return SdknobsError(f"{msg}; no checkpoint was kept before it: start again with a lower {lr_flags}")
 
     def interrupted(self, done: int, save=None) -> str:
         """Ctrl-C: with `save`, step `done` is saved first (unless it is already); the line to show."""
@@ -225,10 +226,13 @@ class Guard:
         self.interrupt.__enter__()
         return self
 
-    def step_done(self, done: int, loss: float) -> None:
+    def step_done(self, done: int, loss: float, params=None) -> None:
+        """After step `done`: its loss, and the trained `params` it left, must be finite."""
         self.done = done
         if not math.isfinite(loss):
             raise self.keeper.nonfinite(f"{self.label}the training loss became {loss} at step {done}", self.lr_flag)
+        if params is not None and not all_finite(params):
+            raise self.keeper.nonfinite(f"{self.label}the weights became non-finite at step {done}", self.lr_flag)
         self.keeper.finite_step()
 
     def __exit__(self, typ, exc, tb):

@@ -40,7 +40,7 @@ import torch
 from sdknobs.config import _f  # config fields with help text (lora/ti import it from here)
 from sdknobs.errors import SdknobsError
 from sdknobs.fast import training_unet
-from sdknobs.training.checkpoint import NonFiniteWeights, load_checkpoint, nonfinite, remove_stale
+from sdknobs.training.checkpoint import NonFiniteWeights, load_checkpoint, nonfinite, remove_stale, remove_stale_file
 from sdknobs.training.data import CaptionedDataset, Example, read_folder, seed_for, split_validation
 from sdknobs.training.dist import _Dist, accelerator_from_env  # noqa: F401  (re-exported)
 from sdknobs.training.method import (Method, ParamSubsetMethod, _atomic_write_text, _named_parameters,  # noqa: F401
@@ -433,6 +433,7 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
         if cfg.overwrite:
             clear(run_dir, (STAGE,))
         remove_stale(run_dir)
+        remove_stale_file(cfg.out)
         run_dir.mkdir(parents=True, exist_ok=True)
 
     def say(msg: str, warn: bool = False) -> None:
@@ -501,7 +502,7 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
                     break
                 loss = s.optimizer_step(step)
                 done = step + 1
-                g.step_done(done, loss)
+                g.step_done(done, loss, s.params)
                 hist["train_loss"].append((done, loss))
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{s.sched.get_last_lr()[0]:.2e}", refresh=False)
                 bar.update(1)
