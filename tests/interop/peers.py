@@ -389,3 +389,43 @@ def diffusers_embedding(path: Path, folder: Path, token: str | None) -> tuple[st
     pipe.load_textual_inversion(str(path), token=token)
     rows = pipe.text_encoder.get_input_embeddings().weight[before:len(pipe.tokenizer)].detach().float()
     return pipe.tokenizer.convert_ids_to_tokens(before), rows
+
+
+def a1111_png(image, data: dict, text_chunk: bool):
+    """An embedding picture as modules/textual_inversion/image_embedding.py writes it: JSON with tensors as
+    {'TORCHTENSOR': lists}; text_chunk: base64 in a 'sd-ti-embedding' PNG chunk (textual_inversion.py
+    train_embedding), else insert_image_data_embed: zlib'd JSON split into low/high nibbles, np.resize'd
+    to (h, -1, 3) blocks, XORed with lcg() & 0x0F, pasted left and right of the picture 1 px apart. (The
+    decorative dots style_block draws live in the high nibbles, which the reader masks off; here a
+    constant 0x50 keeps every data pixel lit for crop_black.) Returns (PIL image, PngInfo or None)."""
+    import base64
+    import json
+    import zlib
+
+    import numpy as np
+    from PIL import Image, PngImagePlugin
+
+    from sdknobs.ti.pngs import lcg_nibbles
+
+    def enc(o):
+        return {"TORCHTENSOR": o.cpu().detach().numpy().tolist()} if isinstance(o, torch.Tensor) else o
+
+    text = json.dumps(data, default=enc)
+    if text_chunk:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("sd-ti-embedding", base64.b64encode(text.encode()).decode())
+        return image, info
+    raw = np.frombuffer(zlib.compress(text.encode(), level=9), np.uint8)
+    h, d = image.size[1], 3
+    size = raw.shape[0] + (h - raw.shape[0] % h)
+    size += h * d - size % (h * d)
+    blocks = []
+    for part in (raw & 0x0F, raw >> 4):
+        b = np.resize(part, size).reshape(h, -1, d)
+        blocks.append(((b ^ lcg_nibbles(b.size).reshape(b.shape)) | 0x50).astype(np.uint8))
+    low, high = (Image.fromarray(b, "RGB") for b in blocks)
+    out = Image.new("RGB", (image.size[0] + low.size[0] + high.size[0] + 2, h), (0, 0, 0))
+    out.paste(low, (0, 0))
+    out.paste(image, (low.size[0] + 1, 0))
+    out.paste(high, (low.size[0] + 1 + image.size[0] + 1, 0))
+    return out, None
