@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdknobs.atomic import dir_mode
+from sdknobs.atomic import dir_mode, file_mode
 from sdknobs.errors import SdknobsError
 
 WEIGHTS = "weights.safetensors"
@@ -100,6 +100,8 @@ def save_checkpoint(
         os.chmod(tmp, dir_mode())  # mkdtemp gives 0700
         save_file(tensors, str(tmp / WEIGHTS))
         torch.save(state, tmp / STATE)
+        for f in (WEIGHTS, STATE):
+            os.chmod(tmp / f, file_mode())  # safetensors writes 0600
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -422,6 +422,7 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
     dist = _Dist(accelerator, cfg, model)
     run_dir = cfg.run_path
     early: list[str] = []  # warnings from before the run folder (and its log) exist
+    check_file(cfg.out, "--out", overwrite=True)  # a writable place for a file (whether it may be replaced: below)
     check_folder(run_dir, "--run-dir")
     found = resume_point(run_dir, (STAGE,), cfg.resume, cfg.overwrite, cfg.out, early.append)
     _, ckpt, ckpt_data = found or (None, None, None)
