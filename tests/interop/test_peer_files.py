@@ -204,3 +204,10 @@ def test_width_checked_when_loading(tiny_dir, bad_embeddings):
     wide = next(p for p in bad_embeddings if p.name == "wide.safetensors")
     with pytest.raises(SdknobsError, match="768 wide, SD1.x"):
         load_embedding(load_model(tiny_dir), wide)
+
+
+def test_inspect_with_a_model_names_a_layer_it_lacks(capsys, tiny_dir, tmp_path):
+    name = "lora_unet_down_blocks_7_attentions_0_transformer_blocks_0_attn2_to_q"
+    save_file(kohya_pair(name, torch.zeros(2, 32), torch.ones(32, 2)), str(tmp_path / "absent.safetensors"))
+    code, _, err = cli(capsys, "lora", "inspect", tmp_path / "absent.safetensors", "--model", tiny_dir)
+    assert code == 2 and f"key '{name}.lora_down.weight'" in err and "has no such layer" in err, err

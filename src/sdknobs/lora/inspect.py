@@ -41,8 +41,10 @@ def presets_of(w: LoraWeights) -> dict[str, int]:
 
 
 def inspect_lines(w: LoraWeights, model=None) -> list[str]:
-    from sdknobs.lora.layers import resolve_module
+    from sdknobs.lora.layers import check_fits, resolve_module
 
+    if model is not None:
+        check_fits(model, w)  # every layer exists in the model with fitting shapes, or an error naming the key
     size = Path(w.path).stat().st_size if w.path and Path(w.path).is_file() else 0
     comps = defaultdict(int)
     for k in w.layers:
