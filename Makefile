@@ -4,14 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: env demo test results bench clean
+.PHONY: env demo test results bench notebooks clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# Pin the CPU build of torch that lies on this machine's disk before anything can pull a CUDA one.
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,notebooks]'
 	touch $@
 
 env: $(BIN)/.installed
@@ -26,6 +26,9 @@ results: env
 	$(BIN)/sdknobs bench quality --grid out/quality_samples.png --overwrite
 	$(BIN)/python -m sdknobs.lora.results    # ~10 min on 1 core: docs/lora.md, docs/lora/
 	$(BIN)/python -m sdknobs.ti.results      # ~8 min on 1 core: docs/textual_inversion.md
+
+notebooks: env   # the course notebooks at full length (~10 min on 1 core): out/notebooks/, docs/notebooks/
+	$(BIN)/python notebooks/run.py --threads 1
 
 bench: env
 	$(BIN)/python benchmarks/bench_inference.py --repeats 7
