@@ -24,8 +24,7 @@ def model():
     return load_model("shapes", device="cpu", dtype="fp32")
 
 
-@pytest.fixture(scope="module")
-def lora(model):
+def random_lora(model):
     g = torch.Generator().manual_seed(0)
     w = LoraWeights({})
     for i, t in enumerate(resolve_targets(model, TARGETS)):
@@ -33,6 +32,11 @@ def lora(model):
         w.layers[L.layer_key(model, t.component, t.name)] = LoraFactors(
             torch.randn(t.down_shape(rank), generator=g) * 0.2, torch.randn(t.up_shape(rank), generator=g) * 0.2, alpha)
     return w
+
+
+@pytest.fixture(scope="module")
+def lora(model):
+    return random_lora(model)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +81,29 @@ def test_peers_load_what_we_write(model, lora, files, fmt):
         assert compare(name, fmt, got, ours, len(sd)) < 1e-5, name
         if not missing:
             assert set(got.deltas) == set(ours.layers), name
+
+
+def test_sd15_block_layout(tmp_path):
+    """SD1.5's U-Net layout (4 levels, down_blocks.3 and up_blocks.0 without attention, 2 resnets a level)
+    at toy widths: the kohya file in every peer that reads it (A1111's index arithmetic included)."""
+    from diffusers import UNet2DConditionModel
+
+    from sdknobs.model import save_model
+    from sdknobs.tiny import build_model
+
+    m = build_model(seed=0)
+    m.unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 32, 64, 64), layers_per_block=2,
+                                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32,
+                                  attention_head_dim=2, norm_num_groups=16)
+    folder = save_model(m, tmp_path / "sd15-layout")
+    model = load_model(folder)
+    path = write_lora(random_lora(model), tmp_path / "k.safetensors")
+    sd, ours = load_file(str(path)), read_lora(path)
+    for name, got in (("kohya", peers.kohya(sd, model)), ("comfyui", peers.comfy(sd, model)),
+                      ("a1111", peers.a1111(sd, model)), ("diffusers", peers.diffusers_lora(path, folder))):
+        assert got.not_loaded == [] and set(got.deltas) == set(ours.layers), name
+        assert compare(name, "kohya (SD1.5 layout)", got, ours, len(sd)) < 1e-5, name
 
 
 def test_report():
