@@ -292,3 +292,21 @@ def test_pretrain_default_out_is_a_new_folder_outside_the_package():
 
     out = Path(PretrainConfig().out)
     assert out == Path("out/shapes-pretrain") and PKG not in out.resolve().parents
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temp_folder(data, tiny_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import errno
+
+    from sdknobs.training import checkpoint
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    assert main([a.format(data=data, tiny=tiny_dir, tmp=tmp_path) for a in lora()]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the checkpoint" in err and "No space left on device" in err and "Traceback" not in err
+    run = tmp_path / "o" / "w-run"
+    assert not [p for p in run.iterdir() if p.name.startswith((".", "ckpt"))] and not (tmp_path / "o" / "w.safetensors").exists()

@@ -227,6 +227,12 @@ def test_config_validation():
         PretrainConfig(image_size=36)
     with pytest.raises(SdknobsError, match="--caption-dropout"):
         PretrainConfig(caption_dropout=1.0)
+    with pytest.raises(SdknobsError, match="--unet-lr must be a finite number, got nan"):
+        PretrainConfig(unet_lr=float("nan"))
+    with pytest.raises(SdknobsError, match="--seed -9223372036854775809 is outside the seeds torch accepts"):
+        PretrainConfig(seed=-2**63 - 1)
+    with pytest.raises(SdknobsError, match="--device 'mps'"):
+        PretrainConfig(device="mps")
     args = build_parser().parse_args(["--unet-steps", "7", "--no-progress", "--unet-lr", "1e-4"])
     cfg = PretrainConfig(**vars(args))
     assert cfg.unet_steps == 7 and cfg.progress is False and cfg.unet_lr == 1e-4

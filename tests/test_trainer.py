@@ -279,6 +279,12 @@ def test_bf16_autocast_on_cpu(data, tmp_path):
     ({"resolution": 30}, "--resolution 30 is not a multiple of 8"),
     ({"min_snr_gamma": -1.0}, "--min-snr-gamma must be >= 0"),
     ({"validation_split": 2}, "--validation-split 2 holds images out of training, but --validate-every 0"),
+    ({"learning_rate": float("nan")}, "--learning-rate must be a finite number, got nan"),
+    ({"validation_guidance": float("inf")}, "--validation-guidance must be a finite number, got inf"),
+    ({"seed": 2**64}, r"--seed 18446744073709551616 is outside the seeds torch accepts \(-9223372036854775808 to"),
+    ({"validation_seeds": [0, -2**63 - 1]}, "--validation-seeds -9223372036854775809 is outside"),
+    ({"resolution": 8192}, "--resolution 8192 is above 4096"),
+    ({"device": "mps"}, "--device 'mps'"),
 ])
 def test_config_errors(tmp_path, kw, msg):
     with pytest.raises(SdknobsError, match=msg):
