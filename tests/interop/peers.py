@@ -235,14 +235,20 @@ def _peft_deltas(root, adapter: str, component: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def diffusers_lora(path: Path, folder: Path) -> Loaded:
-    """StableDiffusionPipeline.load_lora_weights on the model folder; delta W from peft's get_delta_weight."""
+def pipeline(folder: Path):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+
+
+def diffusers_lora(path: Path, pipe) -> Loaded:
+    """pipe.load_lora_weights (a StableDiffusionPipeline of the model folder); delta W from peft's
+    get_delta_weight; the LoRA is unloaded again."""
     pipe.load_lora_weights(str(path), adapter_name="peer")
-    res = Loaded(_peft_deltas(pipe.unet, "peer", "unet") | _peft_deltas(pipe.text_encoder, "peer", "text_encoder"))
-    return res
+    try:
+        return Loaded(_peft_deltas(pipe.unet, "peer", "unet") | _peft_deltas(pipe.text_encoder, "peer", "text_encoder"))
+    finally:
+        pipe.unload_lora_weights()
 
 
 def peft_lora(path: Path, model) -> Loaded:
@@ -380,15 +386,16 @@ def comfy_embedding(path: Path) -> tuple[str, torch.Tensor]:
     return path.stem, emb.detach().float().reshape(-1, emb.shape[-1])
 
 
-def diffusers_embedding(path: Path, folder: Path, token: str | None) -> tuple[str, torch.Tensor]:
-    """pipe.load_textual_inversion(path, token): the rows it appends to the token embedding matrix."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+def diffusers_embedding(path: Path, pipe, token: str | None) -> tuple[str, torch.Tensor]:
+    """pipe.load_textual_inversion(path, token): the rows it appends to the token embedding matrix (then
+    unload_textual_inversion)."""
     before = len(pipe.tokenizer)
     pipe.load_textual_inversion(str(path), token=token)
-    rows = pipe.text_encoder.get_input_embeddings().weight[before:len(pipe.tokenizer)].detach().float()
-    return pipe.tokenizer.convert_ids_to_tokens(before), rows
+    try:
+        rows = pipe.text_encoder.get_input_embeddings().weight[before:len(pipe.tokenizer)].detach().float().clone()
+        return pipe.tokenizer.convert_ids_to_tokens(before), rows
+    finally:
+        pipe.unload_textual_inversion()
 
 
 def a1111_png(image, data: dict, text_chunk: bool):

@@ -35,6 +35,11 @@ def random_lora(model):
 
 
 @pytest.fixture(scope="module")
+def pipe():
+    return peers.pipeline(EMBEDDED["shapes"])
+
+
+@pytest.fixture(scope="module")
 def lora(model):
     return random_lora(model)
 
@@ -60,7 +65,7 @@ def attention_keys(sd):
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
-def test_peers_load_what_we_write(model, lora, files, fmt):
+def test_peers_load_what_we_write(model, pipe, lora, files, fmt):
     path = files[fmt]
     sd, ours = load_file(str(path)), read_lora(path)
     assert len(ours.layers) == len(lora.layers)
@@ -72,7 +77,7 @@ def test_peers_load_what_we_write(model, lora, files, fmt):
                       "peft": []},
     }[fmt]
     runs = {"kohya": lambda: peers.kohya(sd, model), "comfyui": lambda: peers.comfy(sd, model),
-            "a1111": lambda: peers.a1111(sd, model), "diffusers": lambda: peers.diffusers_lora(path, EMBEDDED["shapes"]),
+            "a1111": lambda: peers.a1111(sd, model), "diffusers": lambda: peers.diffusers_lora(path, pipe),
             "lycoris": lambda: peers.lycoris_lora(path, load_model("shapes", device="cpu", dtype="fp32")),
             "peft": lambda: peers.peft_lora(path, load_model("shapes", device="cpu", dtype="fp32"))}
     for name, missing in expected_missing.items():
@@ -101,7 +106,7 @@ def test_sd15_block_layout(tmp_path):
     path = write_lora(random_lora(model), tmp_path / "k.safetensors")
     sd, ours = load_file(str(path)), read_lora(path)
     for name, got in (("kohya", peers.kohya(sd, model)), ("comfyui", peers.comfy(sd, model)),
-                      ("a1111", peers.a1111(sd, model)), ("diffusers", peers.diffusers_lora(path, folder))):
+                      ("a1111", peers.a1111(sd, model)), ("diffusers", peers.diffusers_lora(path, peers.pipeline(folder)))):
         assert got.not_loaded == [] and set(got.deltas) == set(ours.layers), name
         assert compare(name, "kohya (SD1.5 layout)", got, ours, len(sd)) < 1e-5, name
 

@@ -31,8 +31,13 @@ def test_a1111_safe_unpickle_accepts_our_pt(files):
     assert torch.load(path, weights_only=True)["sd_checkpoint_name"] == "sd15"  # a name, not a path
 
 
+@pytest.fixture(scope="module")
+def pipe():
+    return peers.pipeline(EMBEDDED["shapes"])
+
+
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya", "a1111"])
-def test_peers_read_what_we_write(files, fmt):
+def test_peers_read_what_we_write(files, pipe, fmt):
     v, paths = files
     path = paths[fmt]
     assert path.name == ("star-shape.pt" if fmt == "a1111" else "star-shape.safetensors")
@@ -40,7 +45,7 @@ def test_peers_read_what_we_write(files, fmt):
     assert torch.equal(ours.vectors, v)
     runs = {"a1111": lambda: peers.a1111_embedding(path), "kohya": lambda: peers.kohya_embedding(path),
             "comfyui": lambda: peers.comfy_embedding(path),
-            "diffusers": lambda: peers.diffusers_embedding(path, EMBEDDED["shapes"], TOKEN if fmt == "kohya" else None)}
+            "diffusers": lambda: peers.diffusers_embedding(path, pipe, TOKEN if fmt == "kohya" else None)}
     triggers = {"a1111": "star-shape", "kohya": "star-shape", "comfyui": "star-shape", "diffusers": TOKEN}
     for name, run in runs.items():
         word, vec = run()
