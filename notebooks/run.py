@@ -85,6 +85,28 @@ def cell_times(nb) -> list[tuple[str, float]]:
     return rows
 
 
+def exercise_times(nb) -> dict[str, float]:
+    """Seconds per exercise: the executed code cells grouped under the markdown cell that opens each
+    exercise ("## 1a. ..."); cells before the first exercise count as "setup"."""
+    import re
+    from datetime import datetime
+
+    out, current = {"setup": 0.0}, "setup"
+    for c in nb.cells:
+        if c.cell_type == "markdown":
+            m = re.search(r"^## (\d[a-d])\. ", c.source, re.M)
+            if m:
+                current = m[1]
+                out.setdefault(current, 0.0)
+            continue
+        ex = c.get("metadata", {}).get("execution", {})
+        a, b = ex.get("iopub.execute_input"), ex.get("shell.execute_reply")
+        if a and b:
+            d = datetime.fromisoformat(b.replace("Z", "+00:00")) - datetime.fromisoformat(a.replace("Z", "+00:00"))
+            out[current] += d.total_seconds()
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", default=list(NOTEBOOKS), help=f"notebooks to run (default: {' '.join(NOTEBOOKS)})")
@@ -92,7 +114,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="out/notebooks", help="folder for the executed copies")
     ap.add_argument("--figs", default="docs/notebooks", help="folder for the figures the docs cite (full runs only)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the kernels (0 = torch's default)")
+    ap.add_argument("--report", action="store_true", help="run nothing: print the seconds per exercise of the "
+                                                          "executed copies in --out")
     args = ap.parse_args(argv)
+    if args.report:
+        import nbformat
+
+        for path in sorted(Path(args.out).glob("*.ipynb")):
+            nb = nbformat.read(path, as_version=4)
+            run = nb.metadata.get("sdknobs_run", {})
+            print(f"{path.name}: {run.get('wall_s', '?')} s wall, {run.get('kernel_cpu_s', '?')} s kernel CPU; "
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in exercise_times(nb).items()))
+        return 0
     bad = [n for n in args.names if n not in NOTEBOOKS]
     if bad:
         print(f"unknown notebook(s) {', '.join(bad)}; choose from {', '.join(NOTEBOOKS)}", file=sys.stderr)
@@ -106,7 +139,7 @@ def main(argv=None) -> int:
             params["FIGS"] = str(figs)
         suffix = "-fast" if args.fast else ""
         nb, seconds = execute(name, params, out / f"{name}{suffix}.ipynb", threads=args.threads or None)
-        times[name] = nb.metadata["sdknobs_run"]
+        times[name] = {**nb.metadata["sdknobs_run"], "exercises_s": exercise_times(nb)}
         print(f"{name}: {seconds:.1f} s wall, {times[name]['kernel_cpu_s']:.1f} s kernel CPU, load average "
               f"{os.getloadavg()[0]:.1f} -> {out / f'{name}{suffix}.ipynb'}")
         for line, s in cell_times(nb):
@@ -116,8 +149,9 @@ def main(argv=None) -> int:
         figs.mkdir(parents=True, exist_ok=True)
         path = figs / "runtimes.json"
         old = json.loads(path.read_text()) if path.exists() else {}
-        old.update({k: {**{x: v[x] for x in ("wall_s", "kernel_cpu_s")}, "date": time.strftime("%Y-%m-%d"),
-                        "threads": args.threads or "default"} for k, v in times.items()})
+        old.update({k: {**{x: v[x] for x in ("wall_s", "kernel_cpu_s", "exercises_s")}, "date": time.strftime("%Y-%m-%d"),
+                        "threads": args.threads or "default", "load_average": round(os.getloadavg()[0], 1)}
+                    for k, v in times.items()})
         path.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
     return 0
 
