@@ -211,3 +211,13 @@ def test_inspect_with_a_model_names_a_layer_it_lacks(capsys, tiny_dir, tmp_path)
     save_file(kohya_pair(name, torch.zeros(2, 32), torch.ones(32, 2)), str(tmp_path / "absent.safetensors"))
     code, _, err = cli(capsys, "lora", "inspect", tmp_path / "absent.safetensors", "--model", tiny_dir)
     assert code == 2 and f"key '{name}.lora_down.weight'" in err and "has no such layer" in err, err
+
+
+def test_older_diffusers_attn_procs_layout(tmp_path):
+    """save_attn_procs' keys (...processor.to_q_lora.down.weight), with or without the unet. prefix."""
+    k = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora"
+    for prefix in ("", "unet."):
+        save_file({f"{prefix}{k}.down.weight": torch.randn(2, 32), f"{prefix}{k}.up.weight": torch.randn(32, 2)},
+                  str(tmp_path / "procs.safetensors"))
+        assert list(read_lora(tmp_path / "procs.safetensors").layers) == [
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]

@@ -272,8 +272,7 @@ def _peft_components(path, tensors: dict) -> dict[str, dict]:
         if comp in parts:
             parts[comp][rest] = v
             continue
-        module = re.split(r"\.lora_[AB]\.", k)[0]
-        comp = component_of_module(module)
+        comp = component_of_module(re.split(r"\.lora_[AB]\.", k)[0]) or _component_by_prefix(k)
         if comp is None:
             unknown.append(k)
         else:
@@ -283,6 +282,16 @@ def _peft_components(path, tensors: dict) -> dict[str, dict]:
                     f"CLIP text encoder (expected e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
                     f".lora_A.weight or text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight)")
     return parts
+
+
+def _component_by_prefix(key: str) -> str | None:
+    """The component of a key in diffusers' older layouts (...processor.to_q_lora.down.weight), whose module
+    path is checked against the grammar after diffusers' conversion."""
+    if re.match(r"(down_blocks|up_blocks|mid_block)\.\d*", key):
+        return "unet"
+    if re.match(r"(text_model\.)?encoder\.layers\.\d+\.", key):
+        return "text_encoder"
+    return None
 
 
 def _read_peft(path, sd, meta) -> LoraWeights:
