@@ -51,6 +51,7 @@ CASES = [
     ("steps-0", f"{G} --steps 0 {O}", 2, ["--steps", ">= 1"]),
     ("steps-negative", f"{G} --steps -5 {O}", 2, ["--steps"]),
     ("steps-above-scheduler", f'generate --prompt "{P}" --steps 5000 {O}', 2, ["--steps", "1000"]),
+    ("steps-1000-ddim-leading", f'generate --prompt "{P}" --steps 1000 {O}', 2, ["--steps", "at most 999"]),
     ("steps-float", f'generate --prompt "{P}" --steps 2.5 {O}', 2, ["--steps", "invalid int"]),
     ("batch-0", f"{G} --batch 0 {O}", 2, ["--batch", "1..1024"]),
     ("batch-negative", f"{G} --batch -1 {O}", 2, ["--batch"]),
@@ -100,6 +101,8 @@ CASES = [
     ("bench-zero-steps", "bench quality --steps 0", 2, ["--steps", ">= 1"]),
     ("bench-negative-baseline", "bench quality --n-baseline -1", 2, ["--n-baseline"]),
     ("bench-guidance-nan", "bench quality --guidance nan", 2, ["--guidance", "finite"]),
+    ("bench-steps-above-scheduler", "bench quality --steps 100000", 2, ["--steps", "1000"]),
+    ("verify-steps-above-scheduler", "ti verify {d}/emb_ok.safetensors --steps 5000", 2, ["--steps", "1000"]),
     # --- devices ---------------------------------------------------------------------------------
     ("device-unknown", f"{G} --device tpu {O}", 2, ["--device", "tpu"]),
     ("device-garbage", f"{G} --device 'cuda:x' {O}", 2, ["--device", "cuda:x"]),
@@ -167,6 +170,8 @@ CASES = [
     ("model-a-lora", f"{G} --model {{d}}/lora_ok.safetensors {O}", 2, ["lora_ok.safetensors"]),
     ("info-model-missing", "info --model {d}/nomodel", 2, ["--model", "no such"]),
     ("info-model-bin", "info --model {d}/binmodel", 2, ["pickled"]),
+    ("model-config-for-embedded", f"{G} --model-config {{d}}/sub {O}", 2, ["--model-config", "single-file"]),
+    ("model-config-for-folder", "info --model {d}/sub --model-config {d}/sub", 2, ["--model-config", "single-file"]),
     ("targets-model-missing", "lora targets --model {d}/nomodel", 2, ["no such"]),
     ("nearest-model-missing", "ti nearest {d}/emb_ok.safetensors --model {d}/nomodel", 2, ["no such"]),
     ("bench-model-missing", "bench quality --model {d}/nomodel", 2, ["no such"]),
@@ -380,6 +385,26 @@ def test_unusual_images_work(name, make, tmp_path, capsys):
     assert rc == 0, err
     w, h = Image.open(out).size
     assert w % 8 == 0 and h % 8 == 0
+
+
+def test_ctrl_c_while_sampling_exits_130_and_leaves_nothing(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "o" / "x.png"
+    p = subprocess.Popen([sys.executable, "-m", "sdknobs", "generate", "--prompt", P, "--steps", "999", "--out", str(out)],
+                         stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    seen = ""
+    deadline = time.time() + 120
+    while "denoise" not in seen and time.time() < deadline:  # the loop has started (its progress bar)
+        seen += p.stderr.read(1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    err = seen + err
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_16bit_is_scaled_and_exif_applied(tmp_path):

@@ -191,7 +191,7 @@ def cmd_sweep_strength(cfg):
 def cmd_info(args):
     from sdknobs.model import load_model
 
-    m = load_model(args.model, device=args.device or None, dtype=args.dtype or None)
+    m = load_model(args.model, device=args.device or None, dtype=args.dtype or None, config=args.model_config or None)
     attn = [n for n, mod in m.unet.named_modules() if n.endswith((".attn1", ".attn2"))]
     cross = [n for n in attn if n.endswith(".attn2")]
     print(f"model:            {m.source}")
@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=fn, config=cls)
     sp = sub.add_parser("info", help="what a model is: family, prediction type, parameters, attention layers")
     sp.add_argument("--model", default="shapes", help="a diffusers folder, a single-file checkpoint, or an embedded name")
+    sp.add_argument("--model-config", default="", help="for a single-file checkpoint of another architecture: a "
+                                                          "diffusers folder with its configs")
     sp.add_argument("--device", default="")
     sp.add_argument("--dtype", default="")
     sp.set_defaults(func=cmd_info, config=None)
@@ -277,14 +279,18 @@ def _quiet_libraries():
     transformers.utils.logging.disable_progress_bar()
 
 
-def _command(argv: list[str]) -> str:
-    words = [a for a in argv if not a.startswith("-")][:2]
-    return "sdknobs " + " ".join(words) if words else "sdknobs"
+def _command(args: argparse.Namespace) -> str:
+    words = [getattr(args, k, None) for k in ("command", "lora_command", "ti_command", "bench")]
+    return " ".join(["sdknobs", *[w for w in words if w]])
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports torch: Ctrl-C may come here already
+    except KeyboardInterrupt:
+        print("sdknobs: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="sdknobs: %(levelname)s: %(message)s")
     try:
@@ -309,14 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdknobs: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except MemoryError:
-        print(f"sdknobs: error: {_command(argv)} ran out of memory; use a smaller --width/--height or --batch",
+        print(f"sdknobs: error: {_command(args)} ran out of memory; use a smaller --width/--height or --batch",
               file=sys.stderr)
         return 2
     except Exception as e:  # a bug: one line, the traceback only with -v
         if args.verbose:
             traceback.print_exc()
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"sdknobs: internal error in {_command(argv)}: {type(e).__name__}: {msg} "
+        print(f"sdknobs: internal error in {_command(args)}: {type(e).__name__}: {msg} "
               f"(a bug; rerun with -v for the traceback)", file=sys.stderr)
         return 1
     return 0

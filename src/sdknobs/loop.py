@@ -81,8 +81,21 @@ class StartInfo:
     alpha_bar: float  # abar_t there: the share of the image's signal variance that survives
 
 
+def check_steps(steps: int, scheduler_config: dict, what: str = "--steps") -> None:
+    """1 <= steps <= the scheduler's training timesteps (diffusers refuses more)."""
+    most = int(scheduler_config.get("num_train_timesteps", 1000))
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most:
+        raise SdknobsError(f"{what} must be an integer in 1..{most} (the scheduler's training timesteps), got {steps!r}")
+
+
 def prepare_timesteps(scheduler, steps: int, strength: float, device) -> tuple[torch.Tensor, StartInfo]:
+    check_steps(steps, scheduler.config)
     scheduler.set_timesteps(steps, device=device)
+    if len(scheduler.timesteps) and float(scheduler.timesteps.max()) >= len(scheduler.alphas_cumprod):
+        most = len(scheduler.alphas_cumprod) - int(scheduler.config.get("steps_offset", 0))
+        raise SdknobsError(f"--steps {steps}: {type(scheduler).__name__} with this model's schedule reaches timestep "
+                           f"{int(scheduler.timesteps.max())}, past its last ({len(scheduler.alphas_cumprod) - 1}); "
+                           f"use at most {most} steps")
     i0 = start_index(steps, strength)
     timesteps = scheduler.timesteps[i0 * scheduler.order :]
     if hasattr(scheduler, "set_begin_index"):

@@ -140,6 +140,9 @@ def load_model(model: str | Path = "shapes", device: str | None = None, dtype: s
     one-off trace of a few seconds; worth it for many images in one process."""
     dev, dt = resolve_device_dtype(device, dtype)
     name = str(model)
+    if config and (name in EMBEDDED or Path(name).expanduser().is_dir()):
+        raise SdknobsError(f"--model-config {str(config)!r} applies to single-file checkpoints only; --model {name!r} "
+                           f"brings its own configs")
     if name in EMBEDDED:
         path = EMBEDDED[name]
         if not (path / "model_index.json").exists():

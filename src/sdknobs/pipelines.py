@@ -16,7 +16,7 @@ from PIL import Image
 from sdknobs import images as im
 from sdknobs.errors import SdknobsError
 from sdknobs.fast import sampling_unet
-from sdknobs.loop import SCHEDULERS, StartInfo, denoise, make_scheduler, resolve_seed, start_index
+from sdknobs.loop import SCHEDULERS, StartInfo, check_steps, denoise, make_scheduler, resolve_seed, start_index
 from sdknobs.text import encode_prompt
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,7 @@ class Result:
 
 
 def _check_common(model, steps, guidance, batch, width, height):
-    max_steps = int(model.scheduler_config.get("num_train_timesteps", 1000))
-    if not 1 <= steps <= max_steps:
-        raise SdknobsError(f"--steps must be in 1..{max_steps} (the scheduler's training timesteps), got {steps}")
+    check_steps(steps, model.scheduler_config)
     if batch < 1:
         raise SdknobsError(f"--batch must be >= 1, got {batch}")
     if not (math.isfinite(guidance) and guidance >= 0):
