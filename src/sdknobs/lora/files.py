@@ -2,7 +2,7 @@
 
 In memory, a LoRA is a dict  "unet.<module path>" / "text_encoder.<module path>"  ->  (A, B, alpha),
 where the layer's update is  delta W = (alpha / r) * B A  (A = down [r, in(, k, k)], B = up [out, r(, 1, 1)]).
-Text-encoder paths keep CLIP's "text_model." prefix, as kohya, A1111 and older transformers name them.
+Text-encoder paths keep CLIP's "text_model." prefix, as kohya, A1111 and transformers 4.x name them.
 
 On disk (.safetensors only; written to a temporary file and renamed, so never half-written):
 - kohya / A1111 / ComfyUI (the default):  lora_unet_<path with _>.lora_down.weight / .lora_up.weight
@@ -10,9 +10,14 @@ On disk (.safetensors only; written to a temporary file and renamed, so never ha
 - diffusers (`save_lora_weights`):  unet.<path>.lora_A.weight / .lora_B.weight, text_encoder.<path>...,
   alpha in the `lora_adapter_metadata` JSON (LoraConfig fields per component).
 - read only: peft (`<path>.lora_A.weight`, optional `base_model.model.` prefix and adapter_config.json
-  beside the file) and diffusers' older `...processor.to_q_lora.down.weight` layout.
-Key conversions are diffusers' own (`lora_conversion_utils`, `state_dict_utils`); a key they cannot
-place, or one that is not a LoRA weight, is an error naming it: nothing is ever dropped silently.
+  beside the file; CLIP paths with or without text_model.) and diffusers' older
+  `...processor.to_q_lora.down.weight` layout.
+Written factors are `portable`: one alpha per kohya file, scale 1 in diffusers files, so every peer scales
+every layer alike (tests/interop checks kohya, ComfyUI, A1111, diffusers, peft and LyCORIS).
+Key conversions are diffusers' own (`lora_conversion_utils`, `state_dict_utils`), guarded by the layer
+grammar of `keys.py`; a file for another architecture (SDXL, DiT), a key nobody can place or that is not a
+LoRA weight, and a tensor no peer could use (NaN/inf, integer, rank 0, up/down disagreeing) are errors
+naming the file and key: nothing is ever dropped silently.
 """
 from __future__ import annotations
 
