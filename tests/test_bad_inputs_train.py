@@ -93,6 +93,7 @@ DATA_CASES = [
     ("jsonl-twice", lora(data="{tmp}/d"), ["lines 1 and 2 both caption 'img0.png'"],
      lambda t: images(t, jsonl=b'{"file_name": "img0.png", "text": "a"}\n{"file_name": "img0.png", "text": "b"}')),
     ("class-data-missing", lora("--class-data-dir", "{tmp}/nope"), ["--class-data-dir", "no such folder"], None),
+    ("repeats-huge", lora("--repeats", "1000000000"), ["--repeats 1000000000 x 2 images", "at most 10,000,000"], None),
     ("validation-split-too-big", lora("--validation-split", "9", "--validate-every", "1"),
      ["--validation-split 9 leaves no training images"], None),
     ("ti-data-missing", ti(data="{tmp}/nope"), ["no such folder"], None),

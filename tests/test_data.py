@@ -116,6 +116,16 @@ def test_read_folder_errors(tmp_path, case, expected):
         assert ("img1.png" if case != "jsonl_missing" else "img2.png") in str(e.value)
 
 
+def test_small_images_are_upscaled_with_a_notice(tmp_path, caplog):
+    d = tmp_path / "d"
+    d.mkdir()
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(d / "dot.png")
+    (d / "dot.txt").write_text("a red dot")
+    ex = read_folder(d, resolution=16)
+    assert ex[0].image.shape == (3, 16, 16) and torch.allclose(ex[0].image[0], torch.ones(16, 16))
+    assert "1 image(s) smaller than 16 px" in caplog.text and "dot.png 1x1" in caplog.text
+
+
 def test_optional_captions_and_flag_name(tmp_path):
     d = _kohya(tmp_path / "d", 2)
     (d / "img1.txt").unlink()

@@ -18,6 +18,7 @@ every process of a multi-process run draws different items of the same global ba
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass, replace
@@ -32,6 +33,8 @@ from sdknobs.errors import SdknobsError
 from sdknobs.images import load_image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_EPOCH_ITEMS = 10_000_000  # images x repeats: one epoch's permutation is held in memory
+log = logging.getLogger("sdknobs")
 METADATA = "metadata.jsonl"
 
 
@@ -52,10 +55,14 @@ def seed_for(seed: int, *parts) -> int:
     return random.Random(":".join(str(p) for p in (seed, *parts))).getrandbits(63)
 
 
-def load_training_image(path: Path, resolution: int, center_crop: bool = True, what: str = "training") -> torch.Tensor:
-    """Read an image file -> [3, resolution, resolution] float in [-1, 1] (shorter side resized, then cropped)."""
+def load_training_image(path: Path, resolution: int, center_crop: bool = True, what: str = "training",
+                        upscaled: list | None = None) -> torch.Tensor:
+    """Read an image file -> [3, resolution, resolution] float in [-1, 1] (shorter side resized, then cropped);
+    the name of an image that had to be upscaled is appended to `upscaled`."""
     im = load_image(path, f"{what}: image")
     w, h = im.size
+    if min(w, h) < resolution and upscaled is not None:
+        upscaled.append(f"{Path(path).name} {w}x{h}")
     s = resolution / min(w, h)
     nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
     if (nw, nh) != (w, h):
@@ -145,7 +152,7 @@ def read_folder(data_dir: str | Path, *, resolution: int, center_crop: bool = Tr
         unknown = [n for n in captions if n not in names]
         if unknown:
             raise SdknobsError(f"{what}: {folder / METADATA}: file_name {unknown[0]!r} is not an image in {folder}")
-    out = []
+    out, small = [], []
     for p in files:
         if jsonl:
             caption = captions.get(p.name)
@@ -158,7 +165,10 @@ def read_folder(data_dir: str | Path, *, resolution: int, center_crop: bool = Tr
             if require_captions:
                 raise SdknobsError(f"{what}: image {str(p)!r} has no caption; expected {expected}")
             caption = ""
-        out.append(Example(load_training_image(p, resolution, center_crop, what), caption, str(p)))
+        out.append(Example(load_training_image(p, resolution, center_crop, what, small), caption, str(p)))
+    if small:
+        log.warning("%s: %d image(s) smaller than %d px on the shorter side were upscaled (e.g. %s)", what, len(small),
+                    resolution, small[0])
     return out
 
 
@@ -190,6 +200,9 @@ class CaptionedDataset:
             raise SdknobsError("the training set is empty")
         if repeats < 1:
             raise SdknobsError(f"--repeats must be >= 1, got {repeats}")
+        if len(examples) * repeats > MAX_EPOCH_ITEMS:
+            raise SdknobsError(f"--repeats {repeats} x {len(examples)} images = {len(examples) * repeats:,} items per "
+                               f"epoch; at most {MAX_EPOCH_ITEMS:,}: lower --repeats (or train more --steps)")
         if not 0.0 <= caption_dropout < 1.0:
             raise SdknobsError(f"--caption-dropout must be in [0, 1), got {caption_dropout}")
         self.examples = list(examples)
