@@ -68,7 +68,7 @@ class PretrainConfig:
     out: str = field(default="out/shapes-pretrain", metadata={"help": "output diffusers folder, new or empty (never inside the installed package; load it with --model FOLDER)"})
     run_dir: str = field(default="runs/pretrain", metadata={"help": "checkpoints, loss curves, samples and log go here"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest whole checkpoint in --run-dir (a broken one is skipped)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a model folder --out written earlier, and start again from scratch over the checkpoints in --run-dir (they are deleted)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a model folder --out written earlier; without --resume, also start again from scratch over the checkpoints in --run-dir (they are deleted)"})
     seed: int = field(default=0, metadata={"help": "seed for the weights, the data and every random draw"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads (torch.set_num_threads)"})
     device: str = field(default="cpu", metadata={"help": "torch device to train on (cpu or cuda)"})
@@ -779,7 +779,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     if cfg.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 range, ~10-bit mantissa, much faster
-    if cfg.overwrite:
+    if cfg.overwrite and not cfg.resume:
         clear(run_dir, STAGES)
     remove_stale(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

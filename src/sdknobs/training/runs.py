@@ -84,9 +84,7 @@ def resume_point(run_dir: Path, stages: tuple[str, ...], resume: bool, overwrite
     Errors: --resume with no whole checkpoint; without --resume, checkpoints already in the run folder
     (unless --overwrite: `clear` then removes them once the run is validated)."""
     found = [p for s in stages for p in list_checkpoints(run_dir, s)]
-    if resume and overwrite:
-        raise SdknobsError("--resume continues the run in --run-dir, --overwrite starts it again from scratch: give one")
-    if resume:
+    if resume:  # (with --overwrite too: that then only lets --out be replaced)
         skipped = []
         for stage in reversed(stages):
             hit = newest_whole(run_dir, stage, log=skipped.append)

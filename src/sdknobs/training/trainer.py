@@ -94,8 +94,8 @@ class TrainConfig:
     checkpoint_every: int = _f(100, "save a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept in --run-dir (older ones deleted; 0 = keep all)")
     resume: bool = _f(False, "continue from the newest whole checkpoint in --run-dir (a broken one is skipped)")
-    overwrite: bool = _f(False, "replace an existing --out file, and start again from scratch over the checkpoints "
-                                "of an earlier run in --run-dir (they are deleted)")
+    overwrite: bool = _f(False, "replace an existing --out file; without --resume, also start again from scratch over "
+                                "the checkpoints of an earlier run in --run-dir (they are deleted)")
     validate_every: int = _f(100, "validation every N steps, and at the start and the end (0 = off)")
     validation_prompts: list = _f([], "prompts for the validation image grid (none: no grid)")
     validation_split: int = _f(0, "images held out of training for the validation loss")
@@ -431,7 +431,7 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
     rng_state = torch.get_rng_state()
     s = _Session(model, method, cfg, dist)  # reads and checks the data; the method checks its own settings
     if dist.main:
-        if cfg.overwrite:
+        if cfg.overwrite and not cfg.resume:
             clear(run_dir, (STAGE,))
         remove_stale(run_dir)
         remove_stale_file(cfg.out)
