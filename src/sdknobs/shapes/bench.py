@@ -3,10 +3,15 @@
 A fixed prompt set covers every attribute value (single- and two-shape scenes); fixed seeds,
 30 steps. Prints per-attribute accuracy, VAE reconstruction PSNR, and the baselines the later
 knobs must move: how often the unnamed shapes (star, heart) and the unseen styles (striped,
-outline) appear for the prompts the customization issues use."""
+outline) appear for the prompts the customization issues use.
+
+`sdknobs bench analyzers` checks the analyzers themselves on pictures that look like model output, in
+tiers: renders, blurred + noised renders, renders through the model's VAE, and hand-labelled
+generated pictures (tests/data/analyzer_labels.json)."""
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdknobs.shapes import world
+from sdknobs.shapes.analyze import ATTRS as SHAPE_ATTRS
 from sdknobs.shapes.analyze import analyze, score
 
 ATTRS = ("background", "colour", "kind", "size", "position")
@@ -121,6 +127,94 @@ def quality(model, *, steps=30, guidance=3.0, n_single=150, n_two=60, n_baseline
     return QualityReport(single, two_both, vae_psnr(model), baselines, len(images) + n_baseline * len(BASELINE_PROMPTS), images)
 
 
+# --- the analyzers' own accuracy, in tiers of pictures more and more like the model's output ------------
+TIER_ATTRS = ("background",) + SHAPE_ATTRS + ("count", "all")
+LABELS = "tests/data/analyzer_labels.json"
+
+
+def tier_scenes(n: int, seed: int = 123) -> list[world.Scene]:
+    """Every kind, colour, style (striped stars excepted), 40% two-shape scenes, with jitter."""
+    rng = random.Random(seed)
+    return [world.sample_scene(rng, styles=world.STYLES, p_two=0.4) for _ in range(n)]
+
+
+def degrade(image, rng: random.Random):
+    """Gaussian blur of radius 0.5-1 px and Gaussian noise of sigma 8/255 (seeded): soft edges and grain."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    k = image.width / 32
+    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.0) * k))
+    a = np.asarray(image, np.float32) + np.random.default_rng(rng.randrange(2**31)).normal(0, 8, (image.height, image.width, 3))
+    return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))
+
+
+@torch.inference_mode()
+def vae_roundtrip(model, images) -> list:
+    """The pictures encoded and decoded by the model's VAE (posterior mode), as the model would draw them."""
+    from sdknobs.images import to_tensor
+    from sdknobs.pipelines import decode
+
+    x = torch.cat([to_tensor(im) for im in images]).to(model.device, model.dtype)
+    return decode(model, model.vae.encode(x).latent_dist.mode() * model.latent_scale)
+
+
+def labelled(path=LABELS, split: str | None = None) -> tuple[list, list[world.Scene], list[dict]]:
+    """The hand-labelled generated pictures: tiles of one PNG sheet; labels of None were not judged."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = Path(path)
+    meta = json.loads(path.read_text())
+    sheet, t, cols = Image.open(path.parent / meta["sheet"]).convert("RGB"), meta["tile"], meta["columns"]
+    rows = [r for r in meta["pictures"] if split is None or r["split"] == split]
+    ims = [sheet.crop(((r["tile"] % cols) * t, (r["tile"] // cols) * t, (r["tile"] % cols + 1) * t, (r["tile"] // cols + 1) * t))
+           for r in rows]
+    return ims, [world.Scene.from_dict(r["scene"]) for r in rows], rows
+
+
+def accuracy(images, scenes) -> tuple[dict, list[int]]:
+    """Per-attribute accuracy of the analyzers on pictures of known scenes, and the indices they got wrong."""
+    hits, wrong = dict.fromkeys(TIER_ATTRS, 0), []
+    for i, (im, sc) in enumerate(zip(images, scenes)):
+        s = score(analyze(im), sc)
+        for a in TIER_ATTRS:
+            hits[a] += s[a]
+        if not s["all"]:
+            wrong.append(i)
+    return {a: v / max(1, len(images)) for a, v in hits.items()}, wrong
+
+
+def validate_analyzers(model=None, n: int = 400, seed: int = 123, labels=LABELS) -> dict:
+    """{tier: (accuracy per attribute, number of pictures, pictures read wrong)}; the VAE tier needs a model,
+    the generated tiers a labels file (each tier is skipped without its input)."""
+    from pathlib import Path
+
+    scenes = tier_scenes(n, seed)
+    renders = [world.render(s) for s in scenes]
+    rng = random.Random(seed)
+    tiers = {"render": (renders, scenes), "blur/noise": ([degrade(im, rng) for im in renders], scenes)}
+    if model is not None:
+        tiers["vae"] = (vae_roundtrip(model, renders), scenes)
+    if labels and Path(labels).exists():
+        for split in ("tune", "report"):
+            ims, truth, _ = labelled(labels, split)
+            tiers[f"generated ({split})"] = (ims, truth)
+    out = {}
+    for name, (ims, truth) in tiers.items():
+        acc, wrong = accuracy(ims, truth)
+        out[name] = (acc, len(ims), [(ims[i], truth[i]) for i in wrong])
+    return out
+
+
+def tier_table(res: dict) -> list[str]:
+    L = ["| tier | pictures | " + " | ".join(TIER_ATTRS) + " |", "| --- " * (len(TIER_ATTRS) + 2) + "|"]
+    for name, (acc, n, _) in res.items():
+        L.append(f"| {name} | {n} | " + " | ".join(f"{100 * acc[a]:.1f}%" for a in TIER_ATTRS) + " |")
+    return L
+
+
 def register_cli(sub) -> None:
     sp = sub.add_parser("bench", help="benchmarks on the embedded model (quality)")
     bsub = sp.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -132,13 +226,37 @@ def register_cli(sub) -> None:
     q.add_argument("--n-two", type=int, default=60, help="two-shape prompts")
     q.add_argument("--n-baseline", type=int, default=40, help="images per baseline prompt")
     q.add_argument("--grid", default="", help="also write a PNG grid of the first 40 samples here")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
     q.set_defaults(func=_cmd_quality, config=None)
+    a = bsub.add_parser("analyzers", help="the analyzers' own per-attribute accuracy: renders, blur/noise, VAE, generated")
+    a.add_argument("--model", default="shapes", help="whose VAE makes the VAE tier")
+    a.add_argument("--n", type=int, default=400, help="pictures per synthetic tier")
+    a.add_argument("--seed", type=int, default=123)
+    a.add_argument("--labels", default=LABELS, help="hand-labelled generated pictures")
+    a.add_argument("--failures", default="", help="also write the VAE tier's misread pictures here (PNG)")
+    a.set_defaults(func=_cmd_analyzers, config=None)
 
 
 def _cmd_quality(args) -> None:
     from sdknobs.model import load_model
 
+    from sdknobs.errors import SdknobsError
+
+    if args.steps < 1:
+        raise SdknobsError(f"--steps must be >= 1, got {args.steps}")
+    if min(args.n_single, args.n_two, args.n_baseline) < 0 or args.n_single + args.n_two == 0:
+        raise SdknobsError(f"--n-single and --n-two must be >= 0 and not both 0 (no prompts to score), --n-baseline "
+                           f">= 0; got {args.n_single}, {args.n_two}, {args.n_baseline}")
+    if args.guidance < 0:
+        raise SdknobsError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.grid:
+        from sdknobs.atomic import check_out_path
+
+        check_out_path(args.grid, "--grid", overwrite=args.overwrite)
     model = load_model(args.model)
+    from sdknobs.loop import check_steps
+
+    check_steps(args.steps, model.scheduler_config)
     rep = quality(model, steps=args.steps, guidance=args.guidance, n_single=args.n_single, n_two=args.n_two,
                   n_baseline=args.n_baseline)
     print(f"model {args.model}, {args.steps} DDIM steps, guidance {args.guidance}")
@@ -149,3 +267,23 @@ def _cmd_quality(args) -> None:
         pics = rep.images[:40]
         save_png(grid([pics[i : i + 8] for i in range(0, 40, 8)], scale=3), args.grid)
         print(args.grid)
+
+
+def _cmd_analyzers(args) -> None:
+    from sdknobs.model import load_model
+
+    res = validate_analyzers(load_model(args.model), n=args.n, seed=args.seed, labels=args.labels)
+    print("\n".join(tier_table(res)))
+    for name, (_, _, wrong) in res.items():
+        for _, sc in wrong[:40]:
+            print(f"  {name} misread: {_describe(sc)}")
+    if args.failures and res["vae"][2]:
+        from sdknobs.images import grid, save_png
+
+        pics = [im for im, _ in res["vae"][2][:48]]
+        save_png(grid([pics[i : i + 12] for i in range(0, len(pics), 12)], scale=3), args.failures)
+        print(args.failures)
+
+
+def _describe(scene) -> str:
+    return f"{scene.background}: " + " + ".join(f"{s.size} {s.colour} {s.style} {s.kind} {s.position}" for s in scene.shapes)
