@@ -125,7 +125,7 @@ def test_sdxl_refusal_names_both_architectures(tiny_dir, bad_loras):
 
     sdxl = next(p for p in bad_loras if p.name == "sdxl.safetensors")
     with pytest.raises(SdknobsError, match=r"LoRA for SDXL \(metadata ss_base_model_version = 'sdxl_base_v1-0'\); "
-                                           r"the model .* is custom"):
+                                           r"the model .* is an SD1.x/SD2.x-architecture model \(family custom\)"):
         apply_loras(load_model(tiny_dir), [str(sdxl)])
 
 

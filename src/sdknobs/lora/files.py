@@ -140,10 +140,10 @@ def read_lora(path: str | Path, model=None) -> LoraWeights:
     sd, meta = _open(path)
     family, evidence = detect_architecture(list(sd), meta)
     if not family.supported:
-        mine = f"the model {model.source!r} is {model.family}" if model is not None else \
-            f"this tool loads {SUPPORTED} models"
-        _fail(path, f"is a LoRA for {family.name} ({evidence}); {mine}, so its layers have other names and "
-                    f"shapes; use it with a {family.name} tool")
+        mine = f"the model {model.source!r} is an {SUPPORTED}-architecture model (family {model.family})" \
+            if model is not None else f"sdknobs loads {SUPPORTED}-architecture models"
+        _fail(path, f"is a LoRA for {family.name} ({evidence}); {mine}, whose layers have other names and "
+                    f"shapes; use it with an {family.name} model in a tool that supports it")
     keys = list(sd)
     if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
         w = _read_kohya(path, sd)
