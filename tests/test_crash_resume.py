@@ -135,6 +135,8 @@ def test_sigkill_then_resume_is_bit_identical(hook, k, left, data, tiny_dir, ref
     assert p.returncode == -signal.SIGKILL, err[-2000:]
     run = tmp_path / "w-run"
     assert _names(run) == left and not out.exists()
+    temp = {"kill-in-save": run.glob(".ckpt-train-0000006.tmp*"), "kill-in-out": tmp_path.glob(".w.safetensors.*.tmp")}
+    assert hook not in temp or list(temp[hook])  # it died half-way through the write
     _all_whole(run)
     _resume_and_compare(data, tiny_dir, out, reference, capsys)
 
