@@ -90,6 +90,10 @@ class LoraMethod(Method):
             raise SdknobsError("train-lora: the model already has LoRAs applied; merge them first (lora merge)")
         cfg = self.cfg
         self.targets = resolve_targets(model, cfg.targets, cfg.text_encoder)
+        most = max(min(t.in_features * t.kernel[0] * t.kernel[1], t.out_features) for t in self.targets)
+        if cfg.rank > most:
+            raise SdknobsError(f"--rank {cfg.rank} is above the size of every target layer (at most {most} here): "
+                               f"a LoRA's rank is at most min(in, out) of its layer")
         with torch.random.fork_rng():  # A's initial values depend on --seed only, not on what ran before
             torch.manual_seed(seed_for(cfg.seed, "lora-init"))
             inject(model, self.targets, cfg.rank, cfg.effective_alpha, ADAPTER, init="gaussian")

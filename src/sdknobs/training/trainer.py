@@ -190,10 +190,13 @@ class _Session:
         from diffusers.optimization import get_scheduler
 
         from sdknobs.images import check_multiple
+        from sdknobs.loop import check_steps
 
         self.model, self.method, self.cfg, self.dist = model, method, cfg, dist
         self.res = cfg.resolution or model.default_size
         check_multiple("--resolution", self.res, model.size_multiple)
+        if cfg.validation_prompts:
+            check_steps(cfg.validation_steps, model.scheduler_config, "--validation-steps")
         if any(p.device != dist.device for m in model.components().values() for p in m.parameters()):
             model.to(dist.device)
         # data: instance images (minus the held-out ones) and class images
