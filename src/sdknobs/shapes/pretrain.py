@@ -160,6 +160,8 @@ class PretrainConfig:
         need(0 <= self.caption_dropout < 1, f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         need(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         need(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        most = max(8, 4 * (os.cpu_count() or 1))  # torch crashes when asked for far more threads than cores
+        need(self.threads <= most, f"--threads {self.threads}: at most {most} (4 x this machine's cores)")
         need(self.unet_minutes >= 0, f"--unet-minutes must be >= 0 (0 = no budget), got {self.unet_minutes}")
 
     @property
@@ -763,6 +765,29 @@ def _outside_package(path: Path, what: str) -> None:
                            f"result with --model FOLDER")
 
 
+def _check_memory(cfg: PretrainConfig) -> None:
+    """Refuse sizes that cannot fit: a lower bound of what the run holds at once, against free RAM (or GPU memory)."""
+    from sdknobs.training.data import available_memory
+
+    dev = torch.device(cfg.device)
+    avail = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else available_memory()
+    if avail is None:
+        return
+    lat, f32 = cfg.latent_size, 4
+    parts = {
+        "the latent pool (--latent-pool)": cfg.latent_pool * 2 * 4 * lat * lat * f32,
+        "one VAE batch's first activations (--vae-batch, --image-size, --vae-channels)":
+            cfg.vae_batch * max(cfg.vae_channel_tuple) * cfg.image_size**2 * f32,
+        "one U-Net batch's first activations (--unet-batch, --unet-channels)": cfg.unet_batch * max(cfg.unet_channel_tuple) * lat * lat * f32,
+        "the widest U-Net convolution with its AdamW state (--unet-channels)": 3 * 9 * max(cfg.unet_channel_tuple) ** 2 * f32,
+    }
+    need = sum(parts.values())
+    if need > 0.8 * avail:
+        name, most = max(parts.items(), key=lambda kv: kv[1])
+        raise SdknobsError(f"this pretraining needs at least {need / 2**30:.1f} GiB of memory, {most / 2**30:.1f} GiB of it for "
+                           f"{name}; {avail / 2**30:.1f} GiB are free on {dev.type}: make it smaller")
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) both stages and write the diffusers folder `cfg.out`; returns its path.
 
@@ -776,6 +801,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     same_out = ckpt is not None and Path(str(data[1]["extra"].get("config", {}).get("out", ""))).absolute() == out.absolute()
     check_out_path(out, "--out", overwrite=cfg.overwrite or same_out, folder=True)
     check_writable(out.parent, "--out")
+    _check_memory(cfg)
     torch.set_num_threads(cfg.threads)
     if cfg.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 range, ~10-bit mantissa, much faster

@@ -90,7 +90,8 @@ def read_text(path: Path, what: str) -> str:
                            f"{e.start}); save it as UTF-8") from e
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
+    """Bytes of free RAM (None where the OS does not say)."""
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -140,7 +141,7 @@ def read_folder(data_dir: str | Path, *, resolution: int, center_crop: bool = Tr
         raise SdknobsError(f"{what} {str(data_dir)!r}: cannot list the folder: {e.strerror or e}") from e
     if not files:
         raise SdknobsError(f"{what} {str(data_dir)!r}: no images found (looked for {', '.join(IMAGE_EXTS)})")
-    need, avail = len(files) * 3 * resolution**2 * 4, _available_memory()  # float32 [3, res, res] per image
+    need, avail = len(files) * 3 * resolution**2 * 4, available_memory()  # float32 [3, res, res] per image
     if avail is not None and need > 0.8 * avail:
         raise SdknobsError(f"{what}: {len(files)} images at resolution {resolution} need about {need / 2**30:.1f} GiB "
                            f"of memory, more than the {avail / 2**30:.1f} GiB available; lower --resolution or use "

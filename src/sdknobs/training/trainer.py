@@ -41,7 +41,7 @@ from sdknobs.config import _f  # config fields with help text (lora/ti import it
 from sdknobs.errors import SdknobsError
 from sdknobs.fast import training_unet
 from sdknobs.training.checkpoint import NonFiniteWeights, load_checkpoint, nonfinite, remove_stale, remove_stale_file
-from sdknobs.training.data import CaptionedDataset, Example, read_folder, seed_for, split_validation
+from sdknobs.training.data import CaptionedDataset, Example, available_memory, read_folder, seed_for, split_validation
 from sdknobs.training.dist import _Dist, accelerator_from_env  # noqa: F401  (re-exported)
 from sdknobs.training.method import (Method, ParamSubsetMethod, _atomic_write_text, _named_parameters,  # noqa: F401
                                      atomic_save_file)
@@ -197,6 +197,11 @@ class _Session:
         check_multiple("--resolution", self.res, model.size_multiple)
         if cfg.validation_prompts:
             check_steps(cfg.validation_steps, model.scheduler_config, "--validation-steps")
+        need, free = cfg.batch_size * (1 + bool(cfg.class_data_dir)) * 3 * self.res**2 * 4, available_memory()
+        if free is not None and need > 0.8 * free:  # a lower bound: the micro-batch's images alone
+            raise SdknobsError(f"--batch-size {cfg.batch_size} at resolution {self.res} needs at least {need / 2**30:.1f} GiB "
+                               f"of memory for one micro-batch's images, more than the {free / 2**30:.1f} GiB free; lower "
+                               f"it (--grad-accum N trains on N micro-batches per step)")
         if any(p.device != dist.device for m in model.components().values() for p in m.parameters()):
             model.to(dist.device)
         # data: instance images (minus the held-out ones) and class images
