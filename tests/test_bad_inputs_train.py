@@ -166,7 +166,7 @@ PATH_CASES = [
     ("out-is-folder", lora(), ["--out", "is a folder"], out_is("folder")),
     ("out-exists", lora(), ["--out", "already exists", "--overwrite"], out_is("file")),
     ("out-parent-is-file", lora(), ["--out", "is a file, not a folder"], parent_file),
-    ("out-folder-readonly", lora(), ["--out", "read-only", "/o"], out_is("readonly")),
+    ("out-folder-readonly", lora(), ["--out", "not writable", "/o"], out_is("readonly")),
     ("out-not-safetensors", lora("--out", "{tmp}/o/w.bin"), ["--out", "must end in .safetensors"], None),
     ("ti-out-exists", ti("--out", "{tmp}/o/w.safetensors"), ["--out", "already exists"], out_is("file")),
     ("run-dir-is-file", lora("--run-dir", "{tmp}/run"), ["--run-dir", "is a file; expected a folder"],

@@ -51,7 +51,7 @@ from sdknobs.errors import SdknobsError
 from sdknobs.model import Model, check_device, save_model
 from sdknobs.training.checkpoint import load_checkpoint, remove_stale, step_of
 from sdknobs.training.plots import loss_curve_png
-from sdknobs.training.runs import Guard, Keeper, check_folder, check_numbers, check_writable, clear, resume_point
+from sdknobs.training.runs import Guard, Keeper, check_folder, check_numbers, clear, resume_point
 from sdknobs.training.step import diffusion_loss, make_noise_scheduler
 
 STAGES = ("vae", "unet")
@@ -800,7 +800,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
     stage, ckpt, data = resume_point(run_dir, STAGES, cfg.resume, cfg.overwrite, out, _warn) or (None, None, None)
     same_out = ckpt is not None and Path(str(data[1]["extra"].get("config", {}).get("out", ""))).absolute() == out.absolute()
     check_out_path(out, "--out", overwrite=cfg.overwrite or same_out, folder=True)
-    check_writable(out.parent, "--out")
     _check_memory(cfg)
     torch.set_num_threads(cfg.threads)
     if cfg.device.startswith("cuda"):

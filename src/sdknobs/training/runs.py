@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 import signal
 import sys
@@ -48,24 +47,9 @@ def check_numbers(cfg, seeds=("seed", "validation_seeds")) -> None:
                 check_seed(flag(f.name), v)
 
 
-def _existing(path: Path) -> Path:
-    p = path.absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def check_writable(path: str | Path, what: str) -> None:
-    """As root, os.access calls every folder writable: a folder without write bits is read-only all the same."""
-    p = _existing(Path(path))
-    if p.is_dir() and hasattr(os, "geteuid") and os.geteuid() == 0 and not p.stat().st_mode & 0o222:
-        raise SdknobsError(f"{what} {str(path)!r}: the folder {str(p)!r} is read-only (mode {p.stat().st_mode & 0o777:o})")
-
-
 def check_file(path: str | Path, what: str, overwrite: bool) -> None:
     """An output file: see atomic.check_out_path (not a folder, parent a writable folder, exists only with --overwrite)."""
     check_out_path(path, what, overwrite=overwrite)
-    check_writable(Path(path).parent, what)
 
 
 def check_folder(path: str | Path, what: str) -> None:
@@ -74,7 +58,6 @@ def check_folder(path: str | Path, what: str) -> None:
     if p.exists() and not p.is_dir():
         raise SdknobsError(f"{what} {str(path)!r} is a file; expected a folder")
     check_out_path(p / "train.log", what, overwrite=True)
-    check_writable(p, what)
 
 
 def resume_point(run_dir: Path, stages: tuple[str, ...], resume: bool, overwrite: bool, out: str | Path, warn):
