@@ -1,9 +1,19 @@
-"""Text encoding: prompt -> CLIP token ids (77-token window) -> embeddings the U-Net attends to.
+"""Text encoding: prompt -> CLIP token ids -> embeddings the U-Net attends to.
+
+Sampling (`encode_prompt`) follows AUTOMATIC1111: the prompt's attention weights and BREAKs are
+parsed (`prompt.parse_weights`), its tokens are cut into chunks of 75 (a chunk that fills up within
+20 tokens of a comma ends after that comma; BREAK ends one early), each chunk is encoded as its own
+77-token window (BOS + 75 + EOS/padding), and the hidden states are concatenated along the sequence
+axis ([B, 77 * chunks, D]). In a chunk with weights, each token's hidden state is multiplied by its
+weight, then the chunk is rescaled so its mean is what it was. Prompts with fewer chunks than the
+longest of the call (cond and uncond alike) are padded with the empty prompt's encoding. A prompt
+without weights and within 75 tokens is one plain window: the same ids and embeddings as diffusers.
+Training (`embed_text`) keeps the one 77-token window, as captions are plain text.
 
 Textual-inversion pseudo-tokens expand here: a token learned with N vectors lives in the vocabulary
 as N added tokens `<t>`, `<t>_1`, ..., `<t>_{N-1}` (diffusers' convention), and a prompt that says
 `<t>` is rewritten to `<t> <t>_1 ... <t>_{N-1}` before tokenizing, so each vector takes one slot of
-the window."""
+the window (and the N slots stay in one chunk)."""
 from __future__ import annotations
 
 import logging
@@ -12,14 +22,16 @@ from dataclasses import dataclass
 
 import torch
 
+from sdknobs.errors import SdknobsError
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class PromptEmbeds:
-    cond: torch.Tensor  # [batch, 77, text_width]
+    cond: torch.Tensor  # [batch, 77 * chunks, text_width]
     uncond: torch.Tensor | None  # same shape, or None when guidance 1.0 skips the unconditional pass
-    truncated: list[str]  # words dropped beyond the window, per prompt ("" when none)
+    truncated: list[str]  # words dropped, per prompt: always "" now that long prompts are chunked
 
 
 def pseudo_tokens(tokenizer) -> dict[str, list[str]]:
@@ -79,21 +91,117 @@ def encode_text(model, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
     return emb.to(model.dtype), dropped
 
 
+COMMA_BACKTRACK = 20  # A1111's default: a chunk full within this many tokens of a comma breaks after it
+
+
+def prompt_chunks(tokenizer, prompt: str) -> list[tuple[list[int], list[float]]]:
+    """The prompt's token ids and weights in chunks of at most window - 2 (75) tokens, by A1111's rules
+    (see the module docstring). Pseudo-tokens are expanded first and a multi-vector one is never split."""
+    from sdknobs.prompt import parse_weights
+
+    size = tokenizer.model_max_length - 2
+    runs = parse_weights(expand_prompt(tokenizer, prompt))
+    texts = [t for t, w in runs if w is not None]
+    tokenized = iter(tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids)
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    units = {ids[0]: ids for ids in (tokenizer.convert_tokens_to_ids(n) for n in pseudo_tokens(tokenizer).values())}
+    chunks: list[tuple[list[int], list[float]]] = []
+    ids, weights, last_comma = [], [], -1
+
+    def close():
+        nonlocal ids, weights, last_comma
+        chunks.append((ids, weights))
+        ids, weights, last_comma = [], [], -1
+
+    for _, weight in runs:
+        if weight is None:  # BREAK
+            close()
+            continue
+        toks, pos = next(tokenized), 0
+        while pos < len(toks):
+            if toks[pos] == comma:
+                last_comma = len(ids)
+            elif len(ids) == size and last_comma >= 0 and size - last_comma <= COMMA_BACKTRACK:
+                keep = last_comma + 1  # the words after the comma move on to the next chunk
+                moved = ids[keep:], weights[keep:]
+                ids, weights = ids[:keep], weights[:keep]
+                close()
+                ids, weights = list(moved[0]), list(moved[1])
+            if len(ids) == size:
+                close()
+            unit = units.get(toks[pos])
+            n = len(unit) if unit and toks[pos : pos + len(unit)] == unit else 1
+            if len(ids) + n > size:
+                close()
+            ids += toks[pos : pos + n]
+            weights += [weight] * n
+            pos += n
+    if ids or not chunks:
+        close()
+    return chunks
+
+
+def _window(tokenizer, ids: list[int], weights: list[float]) -> tuple[list[int], list[float]]:
+    """One chunk as a full window: BOS + ids + EOS, then padding (EOS in SD1, '!' in SD2's tokenizer)."""
+    pad = tokenizer.model_max_length - 2 - len(ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return ([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [pad_id] * pad,
+            [1.0, *weights, 1.0] + [1.0] * pad)
+
+
+@torch.no_grad()
+def encode_chunked(model, prompts: list[str], chunks: int = 0, parsed: dict | None = None) -> torch.Tensor:
+    """Hidden states [B, 77 * n, D] of prompts in A1111's chunks, n = max(chunks, the longest prompt's).
+    parsed: {prompt: prompt_chunks(...)} already computed."""
+    tok = model.tokenizer
+    parsed = parsed or {}
+    per = [parsed[p] if p in parsed else prompt_chunks(tok, p) for p in prompts]
+    n = max([chunks, *map(len, per)])
+    rows = [_window(tok, *c) for p in per for c in p + [([], [])] * (n - len(p))]  # pad: the empty prompt
+    ids = torch.tensor([r[0] for r in rows], device=model.text_encoder.device)
+    z = model.text_encoder(ids)[0]
+    w = torch.tensor([r[1] for r in rows], dtype=torch.float64, device=z.device)
+    weighted = (w != 1).any(dim=1)
+    if weighted.any():  # in float64: a chunk's mean is small next to its values, so the ratio amplifies rounding
+        zw = z[weighted].double()
+        before = zw.mean(dim=(1, 2), keepdim=True)
+        zw = zw * w[weighted][:, :, None]
+        zw = zw * (before / zw.mean(dim=(1, 2), keepdim=True))  # A1111 restores each chunk's mean
+        if not torch.isfinite(zw).all():
+            bad = sorted({prompts[i // n] for i in weighted.nonzero().flatten().tolist()})
+            raise SdknobsError(f"prompt {bad[0]!r}: its weights make a chunk's mean hidden state 0, so it cannot be "
+                               f"rescaled; change the weights (e.g. no weight of 0 on most words)")
+        z = z.clone()
+        z[weighted] = zw.to(z.dtype)
+    return z.reshape(len(prompts), n * z.shape[1], z.shape[2]).to(model.dtype)
+
+
+def warn_unknown_tokens(tokenizer, prompts) -> None:
+    """A `<word>` in a prompt that no loaded embedding provides is encoded as plain text: say so."""
+    known = tokenizer.added_tokens_encoder
+    for name in sorted({m.lower() for p in prompts for m in re.findall(r"<[^<>\s:()\[\]|]+>", p)} - set(known)):
+        log.warning("prompt uses %s, but no embedding with that token is loaded: it is read as plain text "
+                    "(load one with --embedding FILE or <embedding:NAME>)", name)
+
+
 def encode_prompt(model, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                   guidance: float = 7.5, batch: int = 1) -> PromptEmbeds:
     """Encode prompts for classifier-free guidance: eps = eps_uncond + g (eps_cond - eps_uncond).
 
-    The unconditional branch uses the negative prompt (empty by default); guidance <= 1.0 skips it."""
+    The unconditional branch uses the negative prompt (empty by default); guidance <= 1.0 skips it.
+    Prompt and negative prompt are encoded in A1111's chunks (see the module docstring), both padded
+    to the same number of chunks."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [p for p in prompts for _ in range(batch)]
-    cond, dropped = encode_text(model, prompts)
-    uncond = None
+    negs = []
     if guidance > 1.0:
         neg = negative_prompt if negative_prompt is not None else ""
         negs = [neg] * len(prompts) if isinstance(neg, str) else [n for n in neg for _ in range(batch)]
         if len(negs) != len(prompts):
-            from sdknobs.errors import SdknobsError
-
             raise SdknobsError(f"negative_prompt: {len(negs) // batch} given for {len(prompts) // batch} prompts")
-        uncond, _ = encode_text(model, negs)
-    return PromptEmbeds(cond, uncond, dropped)
+    warn_unknown_tokens(model.tokenizer, set(prompts) | set(negs))
+    parsed = {p: prompt_chunks(model.tokenizer, p) for p in set(prompts) | set(negs)}
+    n = max(map(len, parsed.values()))
+    cond = encode_chunked(model, prompts, n, parsed)
+    uncond = encode_chunked(model, negs, n, parsed) if negs else None
+    return PromptEmbeds(cond, uncond, [""] * len(prompts))
