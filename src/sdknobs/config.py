@@ -33,8 +33,11 @@ def check_numbers(cfg) -> None:
 class SampleConfig:
     """Options every sampling command shares."""
 
-    prompt: str = _f("", "what to draw")
-    negative_prompt: str = _f("", "what to steer away from (the unconditional branch of guidance)")
+    prompt: str = _f("", "what to draw. AUTOMATIC1111's syntax: (word:1.2) weights, (word) x1.1, [word] /1.1, \\( for a "
+                           "literal bracket, BREAK starts a new 75-token chunk (longer prompts are encoded in chunks, "
+                           "not cut), <lora:NAME:WEIGHT[:WINDOW]> from --lora-dir, <embedding:NAME> from --embedding-dir")
+    negative_prompt: str = _f("", "what to steer away from (the unconditional branch of guidance); the same syntax as "
+                                   "--prompt")
     model: str = _f("shapes", "a diffusers folder, a single-file .safetensors checkpoint, or an embedded name (shapes)")
     model_config: str = _f("", "for a single-file checkpoint of another architecture: a diffusers folder with its configs")
     seed: int = _f(0, "random seed; the same seed and settings give the same picture; -1 draws one (recorded in the PNG)")
@@ -55,6 +58,10 @@ class SampleConfig:
                              "may use; repeatable; FILE=TOKEN renames its token", type=str, repeatable=True)
     lora: list = _f([], "a LoRA file to apply, FILE[:WEIGHT][@WINDOW]; repeatable. WINDOW: START-END fraction of the "
                         "steps (@0.6-1 = the last 40 percent) or a timestep bound (@t<400)", type=str, repeatable=True)
+    lora_dir: str = _f("", "folder of NAME.safetensors LoRAs for <lora:NAME:WEIGHT[:WINDOW]> in prompts, applied on top "
+                          "of --lora (default: $XDG_DATA_HOME/sdknobs/loras, else ~/.local/share/sdknobs/loras)")
+    embedding_dir: str = _f("", "folder of embedding files for <embedding:NAME> in prompts, NAME = the file name "
+                               "without its suffix (default: $XDG_DATA_HOME/sdknobs/embeddings)")
 
     def __post_init__(self):
         check_numbers(self)
@@ -72,6 +79,10 @@ class SampleConfig:
 
         for spec in self.lora:
             parse_spec(spec)  # syntax only; the file is read when the model is loaded
+        from sdknobs.prompt import check_prompt
+
+        for flag in ("prompt", "negative_prompt"):  # weights and <lora:...> names, before any work
+            check_prompt(getattr(self, flag), self.lora_dir or None, self.embedding_dir or None, "--" + flag.replace("_", "-"))
         if self.scheduler not in SCHEDULERS:
             raise SdknobsError(f"--scheduler {self.scheduler!r} is not known; choose one of {', '.join(SCHEDULERS)}")
         for name in ("width", "height"):
@@ -81,7 +92,8 @@ class SampleConfig:
     def sample_kwargs(self) -> dict:
         return dict(negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.guidance,
                     scheduler=self.scheduler, seed=self.seed, width=self.width or None,
-                    height=self.height or None, batch=self.batch)
+                    height=self.height or None, batch=self.batch, lora_dir=self.lora_dir or None,
+                    embedding_dir=self.embedding_dir or None)
 
 
 @dataclass

@@ -4,6 +4,7 @@ everywhere; the CLI mirrors them."""
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import os
@@ -126,6 +127,39 @@ def _with_embeddings(fn):
     return call
 
 
+def _with_prompt_tags(fn):
+    """Adds `lora_dir=` / `embedding_dir=` to a pipeline: `<lora:NAME:W[:WINDOW]>` and `<embedding:NAME>` in the
+    prompt or negative prompt are found there (`sdknobs.prompt.extract_tags`), applied through `lora=` /
+    `embeddings=` on top of those given, and taken out of the text the encoder sees; the PNG parameters keep
+    the prompts as written, so they re-render with the same tags."""
+    index = list(inspect.signature(fn).parameters).index("prompt") - 1  # in *args, after the model
+
+    @functools.wraps(fn)
+    def call(model, *args, lora=None, embeddings=None, lora_dir=None, embedding_dir=None, **kwargs):
+        from sdknobs.prompt import extract_tags
+
+        args = list(args)
+        prompt = args[index] if len(args) > index else kwargs["prompt"]
+        neg = kwargs.get("negative_prompt") or ""
+        lora = [lora] if isinstance(lora, str) else list(lora or [])
+        embeddings = [embeddings] if isinstance(embeddings, (str, os.PathLike)) else list(embeddings or [])
+        if isinstance(prompt, str) and isinstance(neg, str) and "<" in prompt + neg:
+            p, n = extract_tags(prompt, lora_dir, embedding_dir), extract_tags(neg, lora_dir, embedding_dir, "negative prompt")
+            lora += p.loras + n.loras
+            embeddings += p.embeddings + n.embeddings
+            if len(args) > index:
+                args[index] = p.text
+            else:
+                kwargs["prompt"] = p.text
+            kwargs["negative_prompt"] = n.text
+            res = fn(model, *args, lora=lora or None, embeddings=embeddings or None, **kwargs)
+            res.parameters = [im.a1111_parameters(prompt, neg) + q.rsplit("\n", 1)[-1] for q in res.parameters]
+            return res
+        return fn(model, *args, lora=lora or None, embeddings=embeddings or None, **kwargs)
+
+    return call
+
+
 def _ti_params(model) -> dict:
     """A1111's 'TI hashes' field (token: first 12 hex digits of the file's sha256) when embeddings are loaded."""
     from sdknobs.ti import file_hashes
@@ -176,6 +210,7 @@ def _run(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, wi
     return latents, info
 
 
+@_with_prompt_tags
 @_with_embeddings
 @_with_lora
 def generate(model, prompt, *, negative_prompt="", steps=30, guidance=7.5, scheduler="ddim", seed=0,
@@ -208,6 +243,7 @@ def _prepare_image(model, image, width, height, what="--image"):
     return image, width, height
 
 
+@_with_prompt_tags
 @_with_embeddings
 @_with_lora
 def img2img(model, image, prompt, *, strength=0.75, negative_prompt="", steps=30, guidance=7.5,
@@ -228,6 +264,7 @@ def img2img(model, image, prompt, *, strength=0.75, negative_prompt="", steps=30
     return Result(pics, params, info)
 
 
+@_with_prompt_tags
 @_with_embeddings
 @_with_lora
 def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=4.0, only_masked=False, padding=32,
@@ -278,6 +315,7 @@ def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=4.0, only_mas
     return Result([im.paste_back(image, r, mask, mask_blur) for r in raw], params, info, {"raw": raw})
 
 
+@_with_prompt_tags
 @_with_embeddings
 @_with_lora
 def outpaint(model, image, prompt, *, left=0, right=0, top=0, bottom=0, overlap=8, fill="edge",

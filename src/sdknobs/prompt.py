@@ -1,5 +1,15 @@
-"""Prompt syntax people bring from AUTOMATIC1111: attention weights and BREAK (`parse_weights`).
-Encoding the result is `text.py`'s job.
+"""Prompt syntax people bring from AUTOMATIC1111: attention weights and BREAK (`parse_weights`),
+`<lora:...>` / `<embedding:...>` tags (`extract_tags`). Encoding the result is `text.py`'s job.
+
+Tags (A1111's extra-network syntax), taken out of the text before it is encoded:
+    <lora:NAME>, <lora:NAME:WEIGHT>, <lora:NAME:WEIGHT:WINDOW>
+                  NAME.safetensors from the LoRA folder (searched recursively; NAME may be sub/NAME),
+                  applied like --lora FILE:WEIGHT@WINDOW (WINDOW as in `lora.spec`: 0.6-1, t<400)
+    <embedding:NAME>
+                  NAME.safetensors/.pt/.bin/.png from the embedding folder, loaded; the tag becomes the
+                  embedding's token (A1111 triggers an embedding by its file name, as here)
+Folders default to $XDG_DATA_HOME/sdknobs/{loras,embeddings} (~/.local/share/...). An unknown name is
+an error listing the folder's names; another kind (<hypernet:...>) is dropped with a warning, as in A1111.
 
 Weights, with A1111's rules (its `prompt_parser.parse_prompt_attention`, re-implemented here):
     (text)        text x 1.1            [text]        text / 1.1 (times 1/1.1)
@@ -14,10 +24,16 @@ breaks (in A1111 it becomes the word "break" with weight -1.1).
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from sdknobs.errors import SdknobsError
+
+log = logging.getLogger(__name__)
 
 UP, DOWN = 1.1, 1 / 1.1
 # one lexical piece each: an escape, a bracket, a weight that closes a bracket, or a run of text
@@ -80,4 +96,87 @@ def parse_weights(prompt: str, what: str = "prompt") -> list[tuple[str, float | 
         else:
             merged.append([text, w])
     return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+# ---------------------------------------------------------------- tags
+
+_LORA = re.compile(r"<lora:(?P<name>[^:<>]+)(?::(?P<weight>[^:<>]*))?"
+                   r"(?::(?P<window>t\s*(?:<=|>=|<|>)\s*[\d.]+|[^:<>]*))?>")
+_EMBEDDING = re.compile(r"<embedding:(?P<name>[^:<>]+)>")
+_OTHER = re.compile(r"<(?P<kind>\w+):[^<>]+>")
+LORA_SUFFIXES = (".safetensors",)
+
+
+def default_dir(kind: str) -> Path:
+    """$XDG_DATA_HOME/sdknobs/KIND, or ~/.local/share/sdknobs/KIND."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "sdknobs" / kind
+
+
+def find_named(name: str, folder: str | Path | None, kind: str, suffixes, what: str = "prompt") -> Path:
+    """The one file NAME.<suffix> (or sub/NAME.<suffix>) under folder; else an error listing what is there."""
+    flag = {"lora": "--lora-dir", "embedding": "--embedding-dir"}[kind]
+    folder = Path(folder) if folder else default_dir("loras" if kind == "lora" else "embeddings")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file()) if folder.is_dir() else []
+    names = [p.relative_to(folder).with_suffix("").as_posix() for p in files]
+    hits = [p for p, n in zip(files, names) if n == name or p.stem == name]
+    if len(hits) == 1:
+        return hits[0]
+    tag = f"{what} tag <{kind}:{name}>"
+    if hits:
+        raise SdknobsError(f"{tag}: {len(hits)} files match in {flag} {folder}: "
+                           f"{', '.join(str(p.relative_to(folder)) for p in hits)}; name one as <{kind}:SUBFOLDER/NAME>")
+    there = (f"it has: {', '.join(names)}" if names else "it holds no " + "/".join(suffixes) + " files"
+             ) if folder.is_dir() else "that folder does not exist"
+    raise SdknobsError(f"{tag}: no {name} in {flag} {folder}; {there}")
+
+
+@dataclass
+class Tags:
+    text: str  # the prompt without its tags (embedding tags replaced by their tokens)
+    loras: list = field(default_factory=list)  # LoraSpec
+    embeddings: list = field(default_factory=list)  # paths
+
+
+def extract_tags(prompt: str, lora_dir=None, embedding_dir=None, what: str = "prompt") -> Tags:
+    """Resolve and remove the prompt's tags (see the module docstring)."""
+    from sdknobs.lora.spec import LoraSpec, parse_window
+    from sdknobs.ti.files import SUFFIXES, read_embedding
+
+    out = Tags(prompt)
+    if "<" not in prompt:
+        return out
+
+    def lora(m):
+        tag, w = m.group(0), (m["weight"] or "").strip()
+        try:
+            weight = float(w) if w else 1.0
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise SdknobsError(f"{what} tag {tag}: weight {w!r} is not a finite number; expected <lora:NAME:WEIGHT>, "
+                               f"e.g. <lora:style:0.8>")
+        window = parse_window(m["window"].strip(), f"{what} tag {tag}") if m["window"] else None
+        out.loras.append(LoraSpec(str(find_named(m["name"].strip(), lora_dir, "lora", LORA_SUFFIXES, what)), weight, window))
+        return ""
+
+    def embedding(m):
+        path = find_named(m["name"].strip(), embedding_dir, "embedding", SUFFIXES, what)
+        out.embeddings.append(str(path))
+        return read_embedding(path).token
+
+    def other(m):
+        log.warning("%s tag %s: unknown kind %r, dropped (known: <lora:NAME:WEIGHT>, <embedding:NAME>)",
+                    what, m.group(0), m["kind"])
+        return ""
+
+    text = _LORA.sub(lora, prompt)
+    text = _EMBEDDING.sub(embedding, text)
+    out.text = _OTHER.sub(other, text)
+    return out
+
+
+def check_prompt(prompt: str, lora_dir=None, embedding_dir=None, what: str = "--prompt") -> None:
+    """SdknobsError, before any work, for a tag naming no file or a weight that is not a number."""
+    parse_weights(extract_tags(prompt, lora_dir, embedding_dir, what).text, what)
 
