@@ -123,7 +123,7 @@ class Runner:
         kw["steps"] = self.steps[name] = max(2, round(kw["steps"] * self.args.scale))  # --scale: smoke tests
         base = dict(data_dir=str(data), out=str(path), run_dir=str(run), model=self.args.model, batch_size=4,
                     rank=8, learning_rate=2e-3, min_snr_gamma=5.0, cache_latents=True, validate_every=0,
-                    checkpoint_every=0, progress=False, seed=0)
+                    checkpoint_every=0, progress=False, seed=0, overwrite=True)  # this script's own files
         cfg = LoraTrainConfig(**{**base, **kw})
         res, _ = train_lora(cfg, log=lambda m: print("   ", m))
         return path, res.seconds

@@ -130,7 +130,8 @@ def train_run(st: Settings, name: str, data: Path, **kw) -> dict:
     cfg = TITrainConfig(data_dir=str(data), out=str(work / name / "learned_embeds.safetensors"),
                         run_dir=str(work / f"run-{name}"), model=st.model, template="captions", steps=st.steps,
                         learning_rate=st.learning_rate, batch_size=st.batch_size, seed=st.seed, cache_latents=True,
-                        validate_every=0, checkpoint_every=0, progress=False, **{"min_snr_gamma": st.min_snr_gamma, **kw})
+                        validate_every=0, checkpoint_every=0, progress=False, overwrite=True,  # this script's own files
+                        **{"min_snr_gamma": st.min_snr_gamma, **kw})
     t = time.time()
     res, method = train_ti(cfg, log=lambda s: None)
     seconds = time.time() - t
