@@ -123,6 +123,10 @@ CASES = [
     ("out-is-folder-png", f"{G} --out {{d}}/folder.png", 2, ["folder.png", "is a folder"]),
     ("out-parent-is-file", f"{G} --out {{d}}/afile/x.png", 2, ["afile", "is a file"]),
     ("out-deep-parent-is-file", f"{G} --out {{d}}/afile/a/b/x.png", 2, ["afile", "is a file"]),
+    ("out-folder-read-only", f"{G} --out {{d}}/readonly/x.png", 2, ["readonly", "not writable"]),
+    ("out-folder-read-only-deep", f"{G} --out {{d}}/readonly/a/x.png", 2, ["readonly", "not writable"]),
+    ("merge-out-read-only", "lora merge {d}/lora_ok.safetensors --out {d}/readonly/m.safetensors", 2, ["not writable"]),
+    ("prompt-not-utf8", "generate --prompt \udcff --steps 1 " + O, 2, ["--prompt", "utf-8"]),
     ("out-not-png", f"{G} --out {{d}}/out/x.jpg", 2, ["--out", ".png"]),
     ("out-empty", f'{G} --out ""', 2, ["--out"]),
     ("img2img-out-exists", f"{I2I} --out {{d}}/existing.png", 2, ["already exists"]),
@@ -280,6 +284,7 @@ def fixtures(tmp_path_factory):
     save_file({"<x>": torch.full((1, 64), float("nan"))}, str(d / "emb_nan.safetensors"))
     save_file({"<x>": torch.ones(1, 64, dtype=torch.int64)}, str(d / "emb_int.safetensors"))
     save_file({"<x>": rnd(1, 768)}, str(d / "emb_768.safetensors"))
+    (d / "readonly").mkdir(mode=0o555)
     for p in d.rglob("*"):
         os.utime(p, (1e9, 1e9))
     return d

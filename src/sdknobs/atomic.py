@@ -68,7 +68,7 @@ def check_out_path(path: str | Path, what: str = "--out", overwrite: bool = Fals
     parent = _existing_ancestor(p)
     if not parent.is_dir():
         raise SdknobsError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(parent, os.W_OK | os.X_OK) or not parent.stat().st_mode & 0o222:  # root too: 0555 means read-only
         raise SdknobsError(f"{what} {str(path)!r}: the folder {str(parent)!r} is not writable")
     try:
         if os.statvfs(parent).f_flag & os.ST_RDONLY:

@@ -62,8 +62,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
         if meta.get("required"):
             kw["required"] = True
             kw.pop("default", None)
-        if f.name == "prompt":
-            kw["required"] = True
+        if f.name == "prompt" and "from_png" not in {x.name for x in dataclasses.fields(cls)}:
+            kw["required"] = True  # else checked in main: --prompt or --from-png
         parser.add_argument(flag, **kw)
 
 
@@ -89,25 +89,32 @@ def train_config_from_args(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
-def _outputs(out: str, n: int, overwrite: bool = False) -> list[Path]:
-    """The PNG paths a command will write, checked before any work (`atomic.check_out_path`)."""
+def _grid_path(out: str) -> Path:
+    return Path(out).with_name(f"{Path(out).stem}-grid.png")
+
+
+def _outputs(out: str, n: int, overwrite: bool = False, grid: bool = False) -> list[Path]:
+    """The PNG paths a command will write (and NAME-grid.png for a grid of n > 1), checked before any work
+    (`atomic.check_out_path`)."""
     from sdknobs.atomic import check_out_path
 
     p = Path(out)
     if p.suffix.lower() != ".png":
         raise SdknobsError(f"--out {out!r} must end in .png")
     paths = [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
-    for q in paths:
+    for q in paths + ([_grid_path(out)] if grid and n > 1 else []):
         check_out_path(q, "--out", overwrite)
     return paths
 
 
-def _write(result, out: str) -> None:
+def _write(result, out: str, grid: bool = False) -> None:
     from sdknobs.images import save_png
 
     for path, image, params in zip(_outputs(out, len(result.images), overwrite=True), result.images, result.parameters):
         save_png(image, path, params)
         print(path)
+    if grid and len(result.images) > 1:  # A1111's grid: the first image's parameters
+        print(save_png(result.extra["grid"], _grid_path(out), result.parameters[0]))
 
 
 def _model(cfg):
@@ -127,46 +134,51 @@ def _model(cfg):
     return m
 
 
+def _batches(cfg, pipeline, *args, **kwargs):
+    """--batch-count runs of a pipeline, written as NAME-j.png (+ NAME-grid.png), all checked before any work."""
+    from sdknobs.pipelines import batches
+
+    _outputs(cfg.out, cfg.batch * cfg.batch_count, cfg.overwrite, cfg.grid)
+    kw = {**cfg.sample_kwargs(), **kwargs}
+    r = batches(pipeline, _model(cfg), *args, batch_count=cfg.batch_count, **kw)
+    _write(r, cfg.out, cfg.grid)
+    return r
+
+
 def cmd_generate(cfg):
     from sdknobs.pipelines import generate
 
-    _outputs(cfg.out, cfg.batch, cfg.overwrite)
-    _write(generate(_model(cfg), cfg.prompt, **cfg.sample_kwargs()), cfg.out)
+    _batches(cfg, generate, cfg.prompt)
 
 
 def cmd_img2img(cfg):
     from sdknobs.images import load_image
     from sdknobs.pipelines import img2img
 
-    _outputs(cfg.out, cfg.batch, cfg.overwrite)
+    _outputs(cfg.out, cfg.batch * cfg.batch_count, cfg.overwrite, cfg.grid)
     image = load_image(cfg.image, "--image")
-    r = img2img(_model(cfg), image, cfg.prompt, strength=cfg.strength, **cfg.sample_kwargs())
+    r = _batches(cfg, img2img, image, cfg.prompt, strength=cfg.strength)
     log.info("start step %d of %d, t=%.0f, alpha_bar=%.4f", r.start.index, cfg.steps, r.start.timestep, r.start.alpha_bar)
-    _write(r, cfg.out)
 
 
 def cmd_inpaint(cfg):
     from sdknobs.images import load_image
     from sdknobs.pipelines import inpaint
 
-    _outputs(cfg.out, cfg.batch, cfg.overwrite)
+    _outputs(cfg.out, cfg.batch * cfg.batch_count, cfg.overwrite, cfg.grid)
     image, mask = load_image(cfg.image, "--image"), load_image(cfg.mask, "--mask", mode="L")
-    r = inpaint(_model(cfg), image, mask, cfg.prompt, strength=cfg.strength, mask_blur=cfg.mask_blur,
-                only_masked=cfg.only_masked, padding=cfg.padding, resize_mask=cfg.resize_mask, **cfg.sample_kwargs())
-    _write(r, cfg.out)
+    _batches(cfg, inpaint, image, mask, cfg.prompt, strength=cfg.strength, mask_blur=cfg.mask_blur,
+             only_masked=cfg.only_masked, padding=cfg.padding, resize_mask=cfg.resize_mask)
 
 
 def cmd_outpaint(cfg):
     from sdknobs.images import load_image
     from sdknobs.pipelines import outpaint
 
-    _outputs(cfg.out, cfg.batch, cfg.overwrite)
-    kw = cfg.sample_kwargs()
-    kw.pop("width"), kw.pop("height")
-    r = outpaint(_model(cfg), load_image(cfg.image, "--image"), cfg.prompt, left=cfg.left, right=cfg.right,
-                 top=cfg.top, bottom=cfg.bottom, overlap=cfg.overlap, fill=cfg.fill, strength=cfg.strength,
-                 mask_blur=cfg.mask_blur, **kw)
-    _write(r, cfg.out)
+    _outputs(cfg.out, cfg.batch * cfg.batch_count, cfg.overwrite, cfg.grid)
+    _batches(cfg, outpaint, load_image(cfg.image, "--image"), cfg.prompt, left=cfg.left, right=cfg.right, top=cfg.top,
+             bottom=cfg.bottom, overlap=cfg.overlap, fill=cfg.fill, strength=cfg.strength, mask_blur=cfg.mask_blur,
+             width=None, height=None)
 
 
 def cmd_sweep_strength(cfg):
@@ -186,6 +198,27 @@ def cmd_sweep_strength(cfg):
                                           Strengths=" ".join(map(str, cfg.strengths)),
                                           Seeds=" ".join(map(str, cfg.seeds))))
     print(cfg.out)
+
+
+def cmd_png_info(args):
+    from sdknobs.prompt import read_parameters
+
+    print(read_parameters(args.file))
+
+
+_UNSET = object()
+
+
+def _from_png(args: argparse.Namespace, argv: list[str]) -> None:
+    """--from-png FILE: the picture's settings (`prompt.png_settings`) for every flag not on the command line."""
+    from sdknobs.prompt import png_settings
+
+    settings = {k: v for k, v in png_settings(args.from_png).items() if hasattr(args, k)}
+    probe = argparse.Namespace(**dict.fromkeys(settings, _UNSET))  # argparse fills in defaults only where unset
+    args.parser.parse_known_args(argv[argv.index(args.command) + 1 :], namespace=probe)
+    for k, v in settings.items():
+        if getattr(probe, k) is _UNSET:
+            setattr(args, k, v)
 
 
 def cmd_info(args):
@@ -228,7 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
         cls = getattr(config, cls_name)
         sp = sub.add_parser(name, help=help, description=help)
         add_config_args(sp, cls)
-        sp.set_defaults(func=fn, config=cls)
+        sp.set_defaults(func=fn, config=cls, parser=sp)
+    sp = sub.add_parser("png-info", help="print the parameters a PNG was made with (A1111's PNG Info); "
+                                         "--from-png FILE re-renders them", description="print a PNG's parameters")
+    sp.add_argument("file", metavar="FILE", help="a PNG written by sdknobs or AUTOMATIC1111")
+    sp.set_defaults(func=cmd_png_info, config=None)
     sp = sub.add_parser("info", help="what a model is: family, prediction type, parameters, attention layers")
     sp.add_argument("--model", default="shapes", help="a diffusers folder, a single-file checkpoint, or an embedded name")
     sp.add_argument("--model-config", default="", help="for a single-file checkpoint of another architecture: a "
@@ -295,14 +332,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="sdknobs: %(levelname)s: %(message)s")
     try:
         _quiet_libraries()
+        if getattr(args, "from_png", ""):
+            _from_png(args, argv)
+        if hasattr(args, "from_png") and not args.prompt:
+            args.parser.error("the following arguments are required: --prompt (or --from-png FILE)")
         cfg = config_from_args(args.config, args) if args.config is not None else args
         args.func(cfg)
         sys.stdout.flush()
     except SdknobsError as e:
         print("sdknobs: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
         return 2
-    except KeyboardInterrupt:
-        print("sdknobs: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if not e.args:  # training says how to resume and passes an argument: no second line then
+            print("sdknobs: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `sdknobs ... | head`: the reader left; end quietly
         devnull = os.open(os.devnull, os.O_WRONLY)

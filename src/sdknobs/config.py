@@ -21,12 +21,20 @@ MAX_BATCH = 1024  # pictures in one sampling call (each is a file); memory is ch
 
 
 def check_numbers(cfg) -> None:
-    """Every float field (and list of floats) of a config is finite: NaN and inf are refused by name."""
+    """Every float field (and list of floats) of a config is finite: NaN and inf are refused by name; every
+    text field is valid Unicode (bytes that are not UTF-8 reach Python as lone surrogates)."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         for x in v if isinstance(v, (list, tuple)) else [v]:
             if isinstance(x, float) and not math.isfinite(x):
                 raise SdknobsError(f"--{f.name.replace('_', '-')} must be a finite number, got {x}")
+            if isinstance(x, str):
+                try:
+                    x.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise SdknobsError(f"--{f.name.replace('_', '-')} is not valid UTF-8 text (byte "
+                                       f"{x[e.start:e.end].encode('utf-8', 'surrogateescape')!r} at position {e.start})"
+                                       ) from None
 
 
 @dataclass
@@ -46,7 +54,12 @@ class SampleConfig:
     scheduler: str = _f("ddim", f"sampler: {', '.join(SCHEDULERS)}")
     width: int = _f(0, "output width in px, a multiple of 8 (0: the model's or the image's size)")
     height: int = _f(0, "output height in px, a multiple of 8 (0: the model's or the image's size)")
-    batch: int = _f(1, "images per prompt (1..1024)")
+    batch: int = _f(1, "images per prompt (1..1024), sampled together; image i uses seed + i and records it")
+    batch_count: int = _f(1, "A1111's batch count: runs of --batch images, one after another (image j of them all uses "
+                             "seed + j)")
+    grid: bool = _f(True, "with more than one image, also write NAME-grid.png (a row per --batch-count run)")
+    from_png: str = _f("", "re-render from a PNG's parameters (prompt, negative prompt, seed, steps, CFG scale, sampler, "
+                           "size, denoising strength, mask blur); flags given as well override them")
     out: str = _f("out/image.png", "output PNG path (with --batch N: NAME-0.png ... NAME-{N-1}.png); an existing file is "
                                    "an error unless --overwrite")
     overwrite: bool = _f(False, "replace existing output files")
@@ -73,6 +86,9 @@ class SampleConfig:
             raise SdknobsError(f"--steps must be >= 1, got {self.steps}")
         if not 1 <= self.batch <= MAX_BATCH:
             raise SdknobsError(f"--batch must be in 1..{MAX_BATCH} pictures, got {self.batch}")
+        if not 1 <= self.batch * self.batch_count <= MAX_BATCH or self.batch_count < 1:
+            raise SdknobsError(f"--batch-count must be >= 1 with --batch x --batch-count <= {MAX_BATCH} pictures, got "
+                               f"{self.batch_count}")
         if self.guidance < 0:
             raise SdknobsError(f"--guidance must be >= 0, got {self.guidance}")
         from sdknobs.lora.spec import parse_spec

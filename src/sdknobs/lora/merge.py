@@ -10,6 +10,8 @@ Several into one file:
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from sdknobs.errors import SdknobsError
@@ -58,7 +60,7 @@ def combine(loras: list[tuple[LoraWeights, float]], method: str = "concat", rank
             errors[layer] = 0.0
         else:
             out.layers[layer], errors[layer] = _svd(parts, rank)
-    names = [w.path or "?" for w, _ in loras]
+    names = [Path(w.path).name if w.path else "?" for w, _ in loras]  # file names: a shared file names no home folder
     out.metadata = {"sdknobs.merged_from": ", ".join(f"{n}:{wt:g}" for n, (_, wt) in zip(names, loras)),
                     "sdknobs.merge_method": method if method == "concat" else f"svd rank {rank}"}
     return out, errors

@@ -102,6 +102,9 @@ def clear(run_dir: Path, stages: tuple[str, ...]) -> None:
             shutil.rmtree(p)
 
 
+
+HINT_SHOWN = "the resume hint was shown"  # KeyboardInterrupt args: the CLI adds no second line
+
 class Keeper:
     """The checkpoints of one stage. A checkpoint is *good* once a step trained from its weights gave a
     finite loss and finite weights (or it is where this session resumed); pruning to `keep` never deletes the newest good one,
@@ -221,7 +224,7 @@ class Guard:
         try:
             if typ is None and self.interrupt.requested:
                 self.warn(self.keeper.interrupted(self.done, self.save))
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt(HINT_SHOWN)
         except NonFiniteWeights as e:
             typ, exc = NonFiniteWeights, e
         if typ is not None and issubclass(typ, NonFiniteWeights):
@@ -229,4 +232,6 @@ class Guard:
                                         self.lr_flag) from None
         if typ is not None and issubclass(typ, KeyboardInterrupt):  # a second Ctrl-C, mid-step: nothing saved now
             self.warn(self.keeper.interrupted(self.done))
+            if exc is not None:
+                exc.args = (HINT_SHOWN,)
         return False
