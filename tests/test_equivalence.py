@@ -25,7 +25,8 @@ def test_txt2img_matches_diffusers(tiny, pipes, scheduler):
     ours, _ = _run(tiny, PROMPT, NEG, progress=False, **kw)
     ref = _ref_scheduler(pipes["txt2img"], scheduler, tiny.scheduler_config)(
         PROMPT, negative_prompt=NEG, num_inference_steps=5, guidance_scale=4.0, height=32, width=32,
-        num_images_per_prompt=2, generator=torch.Generator().manual_seed(3), output_type="latent").images
+        num_images_per_prompt=2, generator=[torch.Generator().manual_seed(3 + i) for i in range(2)],  # image i: seed + i
+        output_type="latent").images
     assert ours.shape == ref.shape == (2, 4, 8, 8)
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
 

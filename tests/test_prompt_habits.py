@@ -1,5 +1,6 @@
-"""Bad input for the A1111 habits (prompt weights and tags), run
+"""Bad input for the A1111 habits (prompt weights and tags, seeds and batch counts, PNG parameters), run
 through the CLI as tests/test_bad_inputs.py does: exit 2, one line naming the flag or file, nothing written."""
+import re
 import shlex
 
 import numpy as np
@@ -68,3 +69,67 @@ def test_pseudo_token_without_embedding_warns(fixtures, capsys, caplog, tmp_path
                           str(fixtures / "embeddings"), "--out", str(tmp_path / "b.png")], capsys)
     assert rc == 0 and "no embedding" not in caplog.text, err
 
+
+# ---------------------------------------------------------------- seeds, batch count, grid, PNG parameters
+
+@pytest.mark.parametrize("kind,scheduler", [("txt2img", "euler-a"), ("img2img", "ddim"), ("inpaint", "ddpm")])
+def test_image_i_of_a_batch_is_seed_plus_i_alone(tiny, photo, half_mask, kind, scheduler):
+    """Every draw of image i (start noise, VAE sample, an ancestral sampler's fresh noise) comes from seed + i."""
+    from sdknobs.pipelines import _run
+
+    kw = dict(steps=3, guidance=3.0, scheduler=scheduler, width=32, height=32, progress=False)
+    more = {"txt2img": {}, "img2img": dict(image=photo, strength=0.6), "inpaint": dict(image=photo, mask=half_mask, strength=0.8)}[kind]
+    batch, _ = _run(tiny, "a red circle", "", seed=7, batch=3, **more, **kw)
+    for i in range(3):
+        alone, _ = _run(tiny, "a red circle", "", seed=7 + i, batch=1, **more, **kw)
+        torch.testing.assert_close(batch[i : i + 1], alone, atol=1e-4, rtol=0)  # batched vs alone: float rounding
+
+
+def test_batch_count_files_seeds_and_grid(tiny_dir, capsys, tmp_path):
+    out = tmp_path / "x.png"
+    rc, stdout, err = run_cli(["generate", "--model", str(tiny_dir), "--prompt", "a", "--steps", "2", "--seed", "5",
+                               "--batch", "2", "--batch-count", "2", "--out", str(out)], capsys)
+    assert rc == 0, err
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["x-0.png", "x-1.png", "x-2.png", "x-3.png", "x-grid.png"]
+    seeds = [Image.open(tmp_path / f"x-{i}.png").info["parameters"].split("Seed: ")[1].split(",")[0] for i in range(4)]
+    assert seeds == ["5", "6", "7", "8"]
+    assert Image.open(tmp_path / "x-grid.png").size == (2 * 36 + 4, 2 * 36 + 4)  # 2 runs down, 2 images across
+    rc, _, err = run_cli(["generate", "--model", str(tiny_dir), "--prompt", "a", "--steps", "2", "--batch-count", "2",
+                          "--out", str(out)], capsys)  # x-0.png, x-1.png and the grid exist
+    assert rc == 2 and "x-0.png" in err and "--overwrite" in err
+
+
+def test_png_info_and_from_png_re_render_one_image(tiny_dir, capsys, tmp_path):
+    base = ["--model", str(tiny_dir), "--steps", "2"]
+    rc, _, err = run_cli(["generate", *base, "--prompt", "a (red:1.3) circle", "--negative-prompt", "grey", "--seed", "11",
+                          "--batch", "3", "--guidance", "2.5", "--scheduler", "euler", "--out", str(tmp_path / "b.png")], capsys)
+    assert rc == 0, err
+    rc, text, _ = run_cli(["png-info", str(tmp_path / "b-2.png")], capsys)
+    assert rc == 0 and text.startswith("a (red:1.3) circle\nNegative prompt: grey\n") and "Seed: 13" in text
+    rc, _, err = run_cli(["generate", "--model", str(tiny_dir), "--from-png", str(tmp_path / "b-2.png"),
+                          "--out", str(tmp_path / "again.png")], capsys)
+    assert rc == 0, err
+    again, orig = Image.open(tmp_path / "again.png"), Image.open(tmp_path / "b-2.png")
+    assert np.abs(np.asarray(again, dtype=int) - np.asarray(orig, dtype=int)).max() <= 1  # batched vs alone: float noise
+    assert again.info["parameters"] == re.sub(r", Batch size: 3, Batch pos: 2", "", orig.info["parameters"])
+    rc, _, err = run_cli(["generate", "--model", str(tiny_dir), "--from-png", str(tmp_path / "b-2.png"), "--seed", "1",
+                          "--prompt", "a square", "--out", str(tmp_path / "other.png")], capsys)
+    params = Image.open(tmp_path / "other.png").info["parameters"]
+    assert rc == 0 and params.startswith("a square\nNegative prompt: grey\n") and "Seed: 1," in params and "Euler" in params
+
+
+HABIT_FILES = [
+    ("png-info-no-parameters", "png-info {d}/plain.png", ["plain.png", "no 'parameters'"]),
+    ("png-info-missing", "png-info {d}/gone.png", ["gone.png", "no such file"]),
+    ("png-info-not-a-picture", "png-info {d}/loras/style.safetensors", ["style.safetensors", "not a readable picture"]),
+    ("from-png-missing", "generate --from-png {d}/gone.png --out {d}/out/x.png", ["--from-png", "gone.png", "no such file"]),
+    ("from-png-no-parameters", "generate --from-png {d}/plain.png --out {d}/out/x.png", ["--from-png", "no 'parameters'"]),
+    ("batch-count-0", "generate --prompt a --batch-count 0 --out {d}/out/x.png", ["--batch-count"]),
+    ("prompt-or-from-png", "generate --out {d}/out/x.png", ["--prompt", "required", "--from-png"]),
+]
+
+
+@pytest.mark.parametrize("argv,words", [c[1:] for c in HABIT_FILES], ids=[c[0] for c in HABIT_FILES])
+def test_bad_files(argv, words, fixtures, capsys, monkeypatch):
+    test_bad_input(argv, words, fixtures, capsys, monkeypatch)

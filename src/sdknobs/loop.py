@@ -127,6 +127,8 @@ def denoise(
     """Run the sampler and return the final latent (in U-Net space) and where it started.
 
     cond/uncond: text embeddings [B, 77, D]; uncond None means no classifier-free guidance.
+    generator: one, or one per image (diffusers' convention: image i's noise, and its fresh noise in
+      ancestral samplers, come from generator i alone).
     x0: the clean starting latent (img2img / inpainting), already scaled by the VAE scaling factor.
     strength: 1.0 starts from pure noise (x0 then only serves the kept region of a mask).
     mask: [B or 1, 1, h, w] on the latent grid, 1 = repaint, 0 = keep x0.
@@ -140,7 +142,9 @@ def denoise(
         raise SdknobsError("denoise: a mask needs the starting latent x0")
     if strength < 1.0 and x0 is None:
         raise SdknobsError("denoise: strength < 1 needs the starting latent x0")
-    eps = torch.randn(shape, generator=generator, device=device, dtype=dtype)  # the one fixed noise
+    from diffusers.utils.torch_utils import randn_tensor
+
+    eps = randn_tensor(shape, generator=generator, device=device, dtype=dtype)  # the one fixed noise (per image for a list)
     if strength >= 1.0:
         x = eps * scheduler.init_noise_sigma
     else:

@@ -17,7 +17,7 @@ from PIL import Image
 from sdknobs import images as im
 from sdknobs.errors import SdknobsError
 from sdknobs.fast import sampling_unet
-from sdknobs.loop import SCHEDULERS, StartInfo, check_steps, denoise, make_scheduler, resolve_seed, start_index
+from sdknobs.loop import SCHEDULERS, SEED_MAX, StartInfo, check_steps, denoise, make_scheduler, resolve_seed, start_index
 from sdknobs.text import encode_prompt
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _params(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed,
     return [
         im.a1111_parameters(
             prompt, negative_prompt or "", Steps=steps, Sampler=SCHEDULERS[scheduler][2], **{"CFG scale": guidance},
-            Seed=seed, Size=f"{width}x{height}", Model=model.source or model.family,
+            Seed=seed + i, Size=f"{width}x{height}", Model=model.source or model.family,
             **{"Batch size": batch if batch > 1 else None, "Batch pos": i if batch > 1 else None}, **more,
             **_lora_params(model), **_ti_params(model),
         )
@@ -168,10 +168,11 @@ def _ti_params(model) -> dict:
     return {"TI hashes": f'"{h}"'} if h else {}
 
 
-def encode_image(model, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
-    """x_0 = scaling_factor * sample of q(z | image), as diffusers does (the draw uses `generator`)."""
+def encode_image(model, image: Image.Image, generator) -> torch.Tensor:
+    """x_0 = scaling_factor * sample of q(z | image), as diffusers does: one draw per generator for a list."""
     x = im.to_tensor(image).to(model.device, model.dtype)
-    return model.vae.encode(x).latent_dist.sample(generator) * model.latent_scale
+    dist = model.vae.encode(x).latent_dist
+    return torch.cat([dist.sample(g) for g in (generator if isinstance(generator, list) else [generator])]) * model.latent_scale
 
 
 def decode(model, latents: torch.Tensor) -> list[Image.Image]:
@@ -186,7 +187,9 @@ def _run(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, wi
     emb = encode_prompt(model, prompt, negative_prompt, guidance, batch)
     f = model.vae_scale_factor
     shape = (emb.cond.shape[0], model.unet.config.in_channels, height // f, width // f)
-    generator = torch.Generator(device=model.device).manual_seed(seed)
+    if seed + shape[0] - 1 > SEED_MAX:
+        raise SdknobsError(f"--seed {seed}: image {shape[0] - 1} of the batch would use seed + {shape[0] - 1}, past {SEED_MAX}")
+    generator = [torch.Generator(device=model.device).manual_seed(seed + i) for i in range(shape[0])]  # image i: seed + i
     lat_mask = None if mask is None else im.latent_mask(mask, shape[2:]).to(model.device, model.dtype)
     # The image latent is needed where it is kept (mask) or where denoising starts from it (strength < 1).
     needs_x0 = image is not None and (strength < 1.0 or (lat_mask is not None and lat_mask.min() < 1))
@@ -330,6 +333,18 @@ def outpaint(model, image, prompt, *, left=0, right=0, top=0, bottom=0, overlap=
     res = inpaint(model, canvas, mask, prompt, strength=strength, mask_blur=mask_blur, **kwargs)
     res.extra.update(canvas=canvas, mask=mask)
     return res
+
+
+def batches(pipeline, model, *args, batch_count=1, seed=0, batch=1, **kwargs) -> Result:
+    """A1111's batch count (n_iter): `batch_count` runs of `pipeline` with `batch` images each, one after another;
+    image j of them all uses seed + j (-1 draws the seed once), so each re-renders alone from its parameters.
+    `extra["grid"]` holds one row per run."""
+    if isinstance(batch_count, bool) or not isinstance(batch_count, int) or batch_count < 1:
+        raise SdknobsError(f"--batch-count must be an integer >= 1, got {batch_count!r}")
+    seed = resolve_seed(seed)
+    runs = [pipeline(model, *args, seed=seed + k * batch, batch=batch, **kwargs) for k in range(batch_count)]
+    return Result([p for r in runs for p in r.images], [q for r in runs for q in r.parameters], runs[0].start,
+                  {"runs": runs, "grid": im.grid([r.images for r in runs])})
 
 
 def sweep_strength(model, image, prompt, *, strengths=(0.0, 0.25, 0.5, 0.75, 1.0), seeds=(0, 1), steps=30,

@@ -180,3 +180,66 @@ def check_prompt(prompt: str, lora_dir=None, embedding_dir=None, what: str = "--
     """SdknobsError, before any work, for a tag naming no file or a weight that is not a number."""
     parse_weights(extract_tags(prompt, lora_dir, embedding_dir, what).text, what)
 
+
+# ---------------------------------------------------------------- PNG parameters (A1111's infotext)
+
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def read_parameters(path: str | Path, what: str = "png-info") -> str:
+    """The `parameters` text of a picture (what A1111 and sdknobs write); an error if there is none."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise SdknobsError(f"{what} {path}: no such file")
+    try:
+        with Image.open(p) as im:
+            text = im.info.get("parameters")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise SdknobsError(f"{what} {path}: not a readable picture ({e})") from None
+    if not isinstance(text, str) or not text.strip():
+        raise SdknobsError(f"{what} {path}: the picture has no 'parameters' text (written by sdknobs and A1111; "
+                           f"removed by most editors and uploads)")
+    return text
+
+
+def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, {field: value}) from parameters text: prompt lines, then 'Negative prompt: ...'
+    lines, then one line of 'Key: value, ...' (taken as fields when it has at least 3, A1111's rule)."""
+    lines = text.split("\n")
+    fields = {}
+    if len(_FIELD.findall(lines[-1])) >= 3:
+        for key, value in _FIELD.findall(lines.pop()):
+            if value.startswith('"') and value.endswith('"') and len(value) > 1:
+                value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+            fields[key.strip()] = value.strip()
+    neg_at = next((i for i, line in enumerate(lines) if line.startswith("Negative prompt:")), len(lines))
+    negative = "\n".join(lines[neg_at:])[len("Negative prompt:"):].strip() if neg_at < len(lines) else ""
+    return "\n".join(lines[:neg_at]), negative, fields
+
+
+def png_settings(path: str | Path, what: str = "--from-png") -> dict:
+    """Sampling settings recorded in a picture, by config field name (prompt, negative_prompt, seed, steps,
+    guidance, scheduler, width, height, strength, mask_blur): what `--from-png` re-renders with."""
+    from sdknobs.loop import SCHEDULERS
+
+    prompt, negative, fields = parse_parameters(read_parameters(path, what))
+    out = {"prompt": prompt, "negative_prompt": negative}
+    samplers = {v[2]: k for k, v in SCHEDULERS.items()}
+    convert = {"Steps": ("steps", int), "Seed": ("seed", int), "CFG scale": ("guidance", float),
+               "Denoising strength": ("strength", float), "Mask blur": ("mask_blur", float),
+               "Sampler": ("scheduler", samplers.__getitem__)}
+    for key, (name, cast) in convert.items():
+        if key in fields:
+            try:
+                out[name] = cast(fields[key])
+            except (KeyError, ValueError):
+                known = f"; known samplers: {', '.join(samplers)}" if key == "Sampler" else ""
+                raise SdknobsError(f"{what} {path}: {key} {fields[key]!r} cannot be used{known}") from None
+    if "Size" in fields:
+        m = re.fullmatch(r"(\d+)x(\d+)", fields["Size"])
+        if not m:
+            raise SdknobsError(f"{what} {path}: Size {fields['Size']!r} is not WIDTHxHEIGHT")
+        out["width"], out["height"] = int(m[1]), int(m[2])
+    return out
