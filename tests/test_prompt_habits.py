@@ -133,3 +133,23 @@ HABIT_FILES = [
 @pytest.mark.parametrize("argv,words", [c[1:] for c in HABIT_FILES], ids=[c[0] for c in HABIT_FILES])
 def test_bad_files(argv, words, fixtures, capsys, monkeypatch):
     test_bad_input(argv, words, fixtures, capsys, monkeypatch)
+
+
+def test_from_png_names_lora_flags_it_does_not_re_apply(tiny_dir, capsys, caplog, tmp_path):
+    from test_lora import random_lora
+
+    from sdknobs import load_model
+    from sdknobs.lora.files import write_lora
+
+    m = load_model(tiny_dir)
+    (tmp_path / "loras").mkdir()
+    flag = write_lora(random_lora(m), tmp_path / "flag.safetensors")
+    write_lora(random_lora(m, seed=1), tmp_path / "loras" / "tagged.safetensors")
+    base = ["generate", "--model", str(tiny_dir), "--steps", "1", "--lora-dir", str(tmp_path / "loras")]
+    rc, _, err = run_cli([*base, "--prompt", "a <lora:tagged:0.5>", "--lora", f"{flag}:0.7", "--out", str(tmp_path / "a.png")],
+                         capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli([*base, "--from-png", str(tmp_path / "a.png"), "--out", str(tmp_path / "b.png")], capsys)
+    assert rc == 0, err
+    assert f"--lora {flag}:0.7, which --from-png does not re-apply" in caplog.text and "tagged" not in caplog.text
+    assert "Lora hashes: \"tagged: " in Image.open(tmp_path / "b.png").info["parameters"]  # the tag is re-applied

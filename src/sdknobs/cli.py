@@ -213,7 +213,11 @@ def _from_png(args: argparse.Namespace, argv: list[str]) -> None:
     """--from-png FILE: the picture's settings (`prompt.png_settings`) for every flag not on the command line."""
     from sdknobs.prompt import png_settings
 
-    settings = {k: v for k, v in png_settings(args.from_png).items() if hasattr(args, k)}
+    found = png_settings(args.from_png)
+    if found.get("lora_flags") and not args.lora:
+        log.warning("%s was made with --lora %s, which --from-png does not re-apply: pass it again", args.from_png,
+                    " --lora ".join(found["lora_flags"]))
+    settings = {k: v for k, v in found.items() if hasattr(args, k)}
     probe = argparse.Namespace(**dict.fromkeys(settings, _UNSET))  # argparse fills in defaults only where unset
     args.parser.parse_known_args(argv[argv.index(args.command) + 1 :], namespace=probe)
     for k, v in settings.items():

@@ -221,7 +221,8 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
 
 def png_settings(path: str | Path, what: str = "--from-png") -> dict:
     """Sampling settings recorded in a picture, by config field name (prompt, negative_prompt, seed, steps,
-    guidance, scheduler, width, height, strength, mask_blur): what `--from-png` re-renders with."""
+    guidance, scheduler, width, height, strength, mask_blur): what `--from-png` re-renders with; and lora_flags, the
+    LoRAs it was made with that no <lora:> tag in its prompt names (--lora flags, which are not re-applied)."""
     from sdknobs.loop import SCHEDULERS
 
     prompt, negative, fields = parse_parameters(read_parameters(path, what))
@@ -242,4 +243,9 @@ def png_settings(path: str | Path, what: str = "--from-png") -> dict:
         if not m:
             raise SdknobsError(f"{what} {path}: Size {fields['Size']!r} is not WIDTHxHEIGHT")
         out["width"], out["height"] = int(m[1]), int(m[2])
+    if fields.get("Lora"):  # our specs of every LoRA applied; those not from the prompt's tags were --lora flags
+        from sdknobs.lora.spec import parse_spec
+
+        tagged = {Path(t.strip()).name for t in re.findall(r"<lora:([^:<>]+)", prompt + negative)}
+        out["lora_flags"] = [s for s in fields["Lora"].split(", ") if Path(parse_spec(s).path).stem not in tagged]
     return out
