@@ -117,7 +117,9 @@ class Runner:
         path = self.out / f"{name}.safetensors"
         run = self.out / f"{name}-run"
         if cached and not self.args.fresh and path.exists() and (run / "history.json").exists():
-            return path, json.loads((run / "history.json").read_text())["seconds_this_session"]
+            hist = json.loads((run / "history.json").read_text())
+            self.steps[name] = hist["config"]["steps"]
+            return path, hist["seconds_this_session"]
         if not kw.get("resume"):
             shutil.rmtree(run, ignore_errors=True)
         kw["steps"] = self.steps[name] = max(2, round(kw["steps"] * self.args.scale))  # --scale: smoke tests
