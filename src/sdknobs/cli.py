@@ -49,7 +49,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = {"help": meta.get("help", "") + f" (default: {default})", "dest": f.name}
+        kw = {"help": meta.get("help", "") + f" (default: {meta.get('shown', default)})", "dest": f.name}
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
             kw["default"] = default
@@ -57,8 +57,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
             kw.update(action="extend", nargs="+", type=meta.get("type", str), default=default)
         elif isinstance(default, list):
             kw.update(nargs="+", type=meta.get("type", str), default=default)
-        else:
-            kw.update(type=type(default), default=default)
+        else:  # None = unset: the model's or the picture's default, resolved by the pipeline
+            kw.update(type=meta.get("type", type(default)) if default is None else type(default), default=default)
         if meta.get("required"):
             kw["required"] = True
             kw.pop("default", None)
@@ -158,7 +158,8 @@ def cmd_img2img(cfg):
     _outputs(cfg.out, cfg.batch * cfg.batch_count, cfg.overwrite, cfg.grid)
     image = load_image(cfg.image, "--image")
     r = _batches(cfg, img2img, image, cfg.prompt, strength=cfg.strength)
-    log.info("start step %d of %d, t=%.0f, alpha_bar=%.4f", r.start.index, cfg.steps, r.start.timestep, r.start.alpha_bar)
+    log.info("start step %d of %d, t=%.0f, alpha_bar=%.4f", r.start.index, r.start.index + r.start.steps_run,
+             r.start.timestep, r.start.alpha_bar)
 
 
 def cmd_inpaint(cfg):
@@ -189,12 +190,14 @@ def cmd_sweep_strength(cfg):
     kw = cfg.sample_kwargs()
     for k in ("seed", "batch", "steps"):
         kw.pop(k)
-    g, infos = sweep_strength(_model(cfg), load_image(cfg.image, "--image"), cfg.prompt, strengths=cfg.strengths,
-                              seeds=cfg.seeds, steps=cfg.steps, scale=cfg.scale, **kw)
+    model = _model(cfg)
+    steps = model.sampling(steps=cfg.steps)["steps"]  # unset: the model's
+    g, infos = sweep_strength(model, load_image(cfg.image, "--image"), cfg.prompt, strengths=cfg.strengths,
+                              seeds=cfg.seeds, steps=steps, scale=cfg.scale, **kw)
     for s, info in zip(cfg.strengths, infos[0]):
-        print(f"strength {s:.2f}: start step {info.index}/{cfg.steps}, runs {info.steps_run}, "
+        print(f"strength {s:.2f}: start step {info.index}/{steps}, runs {info.steps_run}, "
               f"t={info.timestep:.0f}, alpha_bar={info.alpha_bar:.4f}")
-    save_png(g, cfg.out, a1111_parameters(cfg.prompt, cfg.negative_prompt, Steps=cfg.steps,
+    save_png(g, cfg.out, a1111_parameters(cfg.prompt, cfg.negative_prompt, Steps=steps,
                                           Strengths=" ".join(map(str, cfg.strengths)),
                                           Seeds=" ".join(map(str, cfg.seeds))))
     print(cfg.out)

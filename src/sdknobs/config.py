@@ -17,6 +17,11 @@ def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+# Sampling defaults left unset (None) come from the model: its folder's sdknobs.json, else its family's usual values
+# (`model.SAMPLING_DEFAULTS`); --help shows this text for them.
+MODEL_DEFAULT = "the model's: its sdknobs.json, else its family's usual value; e.g. {}"
+MASK_BLUR_DEFAULT = "1/128 of the picture's shorter side: 4 px at 512 px, 0.25 px at 32 px"
+
 MAX_BATCH = 1024  # pictures in one sampling call (each is a file); memory is checked against the model later
 
 
@@ -49,9 +54,12 @@ class SampleConfig:
     model: str = _f("shapes", "a diffusers folder, a single-file .safetensors checkpoint, or an embedded name (shapes)")
     model_config: str = _f("", "for a single-file checkpoint of another architecture: a diffusers folder with its configs")
     seed: int = _f(0, "random seed; the same seed and settings give the same picture; -1 draws one (recorded in the PNG)")
-    steps: int = _f(30, "number of sampler steps (img2img runs int(steps * strength) of them)")
-    guidance: float = _f(7.5, "classifier-free guidance scale; 1.0 skips the unconditional pass")
-    scheduler: str = _f("ddim", f"sampler: {', '.join(SCHEDULERS)}")
+    steps: int | None = _f(None, "number of sampler steps (img2img runs int(steps * strength) of them)", type=int,
+                           shown=MODEL_DEFAULT.format("30 for shapes and SD1.x/SD2.x"))
+    guidance: float | None = _f(None, "classifier-free guidance scale; 1.0 skips the unconditional pass", type=float,
+                                shown=MODEL_DEFAULT.format("3 for shapes, 7.5 for SD1.5"))
+    scheduler: str | None = _f(None, f"sampler: {', '.join(SCHEDULERS)}", type=str,
+                               shown=MODEL_DEFAULT.format("ddim for shapes and SD1.x/SD2.x"))
     width: int = _f(0, "output width in px, a multiple of 8 (0: the model's or the image's size)")
     height: int = _f(0, "output height in px, a multiple of 8 (0: the model's or the image's size)")
     batch: int = _f(1, "images per prompt (1..1024), sampled together; image i uses seed + i and records it")
@@ -82,14 +90,14 @@ class SampleConfig:
 
         check_seed(self.seed)
         resolve_device_dtype(self.device or None, self.dtype or None)
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise SdknobsError(f"--steps must be >= 1, got {self.steps}")
         if not 1 <= self.batch <= MAX_BATCH:
             raise SdknobsError(f"--batch must be in 1..{MAX_BATCH} pictures, got {self.batch}")
         if not 1 <= self.batch * self.batch_count <= MAX_BATCH or self.batch_count < 1:
             raise SdknobsError(f"--batch-count must be >= 1 with --batch x --batch-count <= {MAX_BATCH} pictures, got "
                                f"{self.batch_count}")
-        if self.guidance < 0:
+        if self.guidance is not None and self.guidance < 0:
             raise SdknobsError(f"--guidance must be >= 0, got {self.guidance}")
         from sdknobs.lora.spec import parse_spec
 
@@ -99,7 +107,7 @@ class SampleConfig:
 
         for flag in ("prompt", "negative_prompt"):  # weights and <lora:...> names, before any work
             check_prompt(getattr(self, flag), self.lora_dir or None, self.embedding_dir or None, "--" + flag.replace("_", "-"))
-        if self.scheduler not in SCHEDULERS:
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise SdknobsError(f"--scheduler {self.scheduler!r} is not known; choose one of {', '.join(SCHEDULERS)}")
         for name in ("width", "height"):
             if getattr(self, name):  # 0 = the model's or the image's own size
@@ -127,7 +135,8 @@ class InpaintConfig(SampleConfig):
     image: str = _f("", "input image (required)", required=True)
     mask: str = _f("", "mask image, white = repaint (required)", required=True)
     strength: float = _f(1.0, "1 repaints the masked area from noise; lower keeps more of it")
-    mask_blur: float = _f(4.0, "Gaussian radius in px of the feathered paste-back (0 = hard edge)")
+    mask_blur: float | None = _f(None, "Gaussian radius in px of the feathered paste-back (0 = hard edge)", type=float,
+                                 shown=MASK_BLUR_DEFAULT)
     only_masked: bool = _f(False, "inpaint only the mask's bounding box (+ padding) at full resolution, then paste it back")
     padding: int = _f(32, "padding in px around the mask for --only-masked")
     resize_mask: bool = _f(False, "resize a mask whose size differs from the image instead of failing")
@@ -135,7 +144,7 @@ class InpaintConfig(SampleConfig):
     def __post_init__(self):
         super().__post_init__()
         check_strength(self.strength)
-        if self.mask_blur < 0:
+        if self.mask_blur is not None and self.mask_blur < 0:
             raise SdknobsError(f"--mask-blur must be >= 0, got {self.mask_blur}")
 
 
@@ -146,16 +155,19 @@ class OutpaintConfig(SampleConfig):
     right: int = _f(0, "px to add on the right")
     top: int = _f(0, "px to add at the top")
     bottom: int = _f(0, "px to add at the bottom")
-    overlap: int = _f(8, "px of the original, along each extended side, repainted too (hides the seam)")
+    overlap: int | None = _f(None, "px of the original, along each extended side, repainted too (hides the seam)",
+                             type=int, shown="1/8 of the image's width (left/right) or height (top/bottom), in whole "
+                                             "latent cells: 4 px on a 32 px shapes picture, 64 px at 512 px")
     fill: str = _f("edge", "how to fill the new area before inpainting: edge (repeat edge colours) or noise")
     strength: float = _f(1.0, "denoising strength in the new area")
-    mask_blur: float = _f(4.0, "Gaussian radius in px of the feathered paste-back")
+    mask_blur: float | None = _f(None, "Gaussian radius in px of the feathered paste-back", type=float,
+                                 shown="1/128 of the extended canvas's shorter side: 4 px at 512 px")
 
     def __post_init__(self):
         super().__post_init__()
         check_strength(self.strength)
         for name in ("left", "right", "top", "bottom", "overlap"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise SdknobsError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.left + self.right + self.top + self.bottom == 0:
             raise SdknobsError("nothing to extend: give --left, --right, --top or --bottom (px)")

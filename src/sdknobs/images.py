@@ -96,6 +96,24 @@ def latent_mask(mask: Image.Image, latent_hw: tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(m, size=latent_hw)
 
 
+MASK_BLUR_FRACTION = 1 / 128  # of the shorter side: A1111's 4 px at 512 px, 0.25 px (no halo) at 32 px
+OVERLAP_FRACTION = 1 / 8  # of the image's size across an extended side
+
+
+def default_mask_blur(width: int, height: int) -> float:
+    """The --mask-blur default: `MASK_BLUR_FRACTION` of the picture's shorter side, in px (4 at 512x512, as
+    A1111; 0.25 at the shapes model's 32x32, where a fixed 4 px would blend the old picture back in around a
+    small mask)."""
+    return min(width, height) * MASK_BLUR_FRACTION
+
+
+def default_overlap(width: int, height: int, cell: int) -> tuple[int, int]:
+    """The --overlap default, (across left/right sides, across top/bottom sides) in px: `OVERLAP_FRACTION` of the
+    image's width resp. height, rounded to whole latent cells of `cell` px (the mask reaches the U-Net per
+    cell), at least one cell: 4 px on a 32 px shapes picture, 64 px on a 512 px SD one."""
+    return tuple(max(cell, round(n * OVERLAP_FRACTION / cell) * cell) for n in (width, height))
+
+
 def feather(mask: Image.Image, radius: float) -> np.ndarray:
     """The paste-back weight: the mask blurred by a Gaussian of `radius` px (0 = hard edge)."""
     m = mask.convert("L")
@@ -135,10 +153,11 @@ def mask_crop_box(mask: Image.Image, padding: int, aspect: float, multiple: int 
     return (int(max(0, np.floor(x0))), int(max(0, np.floor(y0))), int(min(W, np.ceil(x1))), int(min(H, np.ceil(y1))))
 
 
-def extend_canvas(image: Image.Image, left: int, right: int, top: int, bottom: int, overlap: int,
+def extend_canvas(image: Image.Image, left: int, right: int, top: int, bottom: int, overlap,
                   fill: str = "edge", seed: int = 0) -> tuple[Image.Image, Image.Image]:
     """A larger canvas with the image inside, the new border filled, and the mask to inpaint
-    (the new area plus `overlap` px into the original on each extended side)."""
+    (the new area plus `overlap` px into the original on each extended side; a pair is (left/right, top/bottom))."""
+    ox, oy = overlap if isinstance(overlap, (tuple, list)) else (overlap, overlap)
     if min(left, right, top, bottom) < 0:
         raise SdknobsError("outpaint: --left/--right/--top/--bottom must be >= 0")
     if left + right + top + bottom == 0:
@@ -153,10 +172,10 @@ def extend_canvas(image: Image.Image, left: int, right: int, top: int, bottom: i
         canvas[top : top + H, left : left + W] = a
     else:
         raise SdknobsError(f"outpaint: --fill {fill!r} is not known; choose edge or noise")
-    keep = (left + (overlap if left else 0), top + (overlap if top else 0),
-            left + W - (overlap if right else 0), top + H - (overlap if bottom else 0))
-    if overlap < 0 or keep[2] <= keep[0] or keep[3] <= keep[1]:
-        raise SdknobsError(f"outpaint: --overlap {overlap} leaves nothing of the {W}x{H} image to keep; it must be "
+    keep = (left + (ox if left else 0), top + (oy if top else 0),
+            left + W - (ox if right else 0), top + H - (oy if bottom else 0))
+    if min(ox, oy) < 0 or keep[2] <= keep[0] or keep[3] <= keep[1]:
+        raise SdknobsError(f"outpaint: --overlap {overlap if ox != oy else ox} leaves nothing of the {W}x{H} image to keep; it must be "
                            f">= 0 and less than the image's size (half of it where both opposite sides are extended)")
     mask = Image.new("L", (canvas.shape[1], canvas.shape[0]), 255)
     ImageDraw.Draw(mask).rectangle([keep[0], keep[1], keep[2] - 1, keep[3] - 1], fill=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,17 @@ COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 # Text-encoder width -> family. 768 is CLIP ViT-L/14 (SD1.x), 1024 OpenCLIP ViT-H/14 (SD2.x).
 FAMILY_BY_TEXT_WIDTH = {768: "SD1.x", 1024: "SD2.x"}
 
+# Sampling defaults for a model whose folder has no sdknobs.json: the community's usual values per family
+# (A1111's and diffusers' CFG 7.5; 30 steps; DDIM, which every SD scheduler config supports). The shipped
+# shapes model carries its own measured ones in assets/models/shapes/sdknobs.json.
+SETTINGS_FILE = "sdknobs.json"
+SAMPLING_DEFAULTS = {
+    "SD1.x": {"guidance": 7.5, "steps": 30, "scheduler": "ddim"},
+    "SD2.x": {"guidance": 7.5, "steps": 30, "scheduler": "ddim"},
+    "custom": {"guidance": 7.5, "steps": 30, "scheduler": "ddim"},
+}
+SAMPLING_KEYS = {"guidance": float, "steps": int, "scheduler": str}
+
 
 @dataclass
 class Model:
@@ -38,6 +50,20 @@ class Model:
     family: str = "custom"  # "SD1.x", "SD2.x", "shapes" or "custom"
     source: str = ""
     extra: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # the folder's sdknobs.json ({"sampling": {...}, ...}), {} if none
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """guidance, steps and scheduler to sample with when not given: the model's sdknobs.json "sampling"
+        section over its family's usual values (`SAMPLING_DEFAULTS`)."""
+        base = SAMPLING_DEFAULTS.get(self.family, SAMPLING_DEFAULTS["custom"])
+        return {**base, **self.settings.get("sampling", {})}
+
+    def sampling(self, guidance=None, steps=None, scheduler=None) -> dict:
+        """The values to use: each given one, else the model's default (`sampling_defaults`)."""
+        d = self.sampling_defaults
+        return {"guidance": d["guidance"] if guidance is None else guidance, "steps": d["steps"] if steps is None else steps,
+                "scheduler": d["scheduler"] if scheduler is None else scheduler}
 
     @property
     def prediction_type(self) -> str:
@@ -81,6 +107,42 @@ class Model:
         for m in self.components().values():
             m.to(device=device, dtype=dtype)
         return self
+
+
+def read_settings(folder: Path) -> dict:
+    """A model folder's sdknobs.json, checked: {} when there is none; SdknobsError naming the file and key for a
+    file that is not a JSON object or a "sampling" value of the wrong type (other sections, e.g. "training",
+    are kept for their readers)."""
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SdknobsError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise SdknobsError(f"{path}: expected a JSON object like {{\"sampling\": {{\"guidance\": 3.0}}}}")
+    sampling = data.get("sampling", {})
+    if not isinstance(sampling, dict):
+        raise SdknobsError(f"{path}: \"sampling\" must be an object of {', '.join(SAMPLING_KEYS)}")
+    from sdknobs.loop import SCHEDULERS
+
+    for key, v in sampling.items():
+        if key not in SAMPLING_KEYS:
+            raise SdknobsError(f"{path}: \"sampling\".{key} is not known; the keys are {', '.join(SAMPLING_KEYS)}")
+        kind = SAMPLING_KEYS[key]
+        ok = isinstance(v, str) if kind is str else (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                     and (kind is float or float(v).is_integer()))
+        if not ok:
+            raise SdknobsError(f"{path}: \"sampling\".{key} must be {'a string' if kind is str else 'a number'}, got {v!r}")
+        if key == "guidance" and not (math.isfinite(v) and v >= 0):
+            raise SdknobsError(f"{path}: \"sampling\".guidance must be a finite number >= 0, got {v!r}")
+        if key == "steps" and v < 1:
+            raise SdknobsError(f"{path}: \"sampling\".steps must be >= 1, got {v!r}")
+        if key == "scheduler" and v not in SCHEDULERS:
+            raise SdknobsError(f"{path}: \"sampling\".scheduler {v!r} is not known; choose one of {', '.join(SCHEDULERS)}")
+        sampling[key] = kind(v)
+    return data
 
 
 def detect_family(text_width: int, name: str = "") -> str:
@@ -205,7 +267,8 @@ def _load_folder(path: Path, dtype: torch.dtype) -> Model:
     if not isinstance(scheduler_config, dict):
         raise SdknobsError(f"model folder {path}: {sched_file.relative_to(path)} holds no JSON object")
     family = detect_family(text_encoder.config.hidden_size)
-    return Model(tokenizer, text_encoder, unet, vae, scheduler_config, family=family, source=str(path))
+    return Model(tokenizer, text_encoder, unet, vae, scheduler_config, family=family, source=str(path),
+                 settings=read_settings(path))
 
 
 def save_model(m: Model, path: str | Path) -> Path:
@@ -239,5 +302,7 @@ def save_model(m: Model, path: str | Path) -> Path:
             "vae": ["diffusers", "AutoencoderKL"],
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        if m.settings:  # the recommended settings travel with the weights
+            (tmp / SETTINGS_FILE).write_text(json.dumps(m.settings, indent=2))
 
     return atomic_folder(path, write)

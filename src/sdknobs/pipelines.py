@@ -31,6 +31,14 @@ class Result:
     extra: dict = field(default_factory=dict)  # e.g. the inpainted image before paste-back
 
 
+def _sampling(model, steps, guidance, scheduler) -> tuple[int, float, str]:
+    """steps, guidance, scheduler: each given one, else the model's default (`Model.sampling_defaults`)."""
+    s = model.sampling(guidance=guidance, steps=steps, scheduler=scheduler)
+    if s["scheduler"] not in SCHEDULERS:
+        raise SdknobsError(f"--scheduler {s['scheduler']!r} is not known; choose one of {', '.join(SCHEDULERS)}")
+    return s["steps"], s["guidance"], s["scheduler"]
+
+
 def _check_common(model, steps, guidance, batch, width, height):
     check_steps(steps, model.scheduler_config)
     if batch < 1:
@@ -216,9 +224,11 @@ def _run(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, wi
 @_with_prompt_tags
 @_with_embeddings
 @_with_lora
-def generate(model, prompt, *, negative_prompt="", steps=30, guidance=7.5, scheduler="ddim", seed=0,
+def generate(model, prompt, *, negative_prompt="", steps=None, guidance=None, scheduler=None, seed=0,
              width=None, height=None, batch=1, callback=None, progress=True) -> Result:
-    """txt2img: the loop at strength 1 from pure noise."""
+    """txt2img: the loop at strength 1 from pure noise. steps, guidance, scheduler: None = the model's
+    (`Model.sampling_defaults`: its sdknobs.json, else its family's usual values)."""
+    steps, guidance, scheduler = _sampling(model, steps, guidance, scheduler)
     seed = resolve_seed(seed)
     width, height = width or model.default_size, height or model.default_size
     _check_common(model, steps, guidance, batch, width, height)
@@ -249,9 +259,11 @@ def _prepare_image(model, image, width, height, what="--image"):
 @_with_prompt_tags
 @_with_embeddings
 @_with_lora
-def img2img(model, image, prompt, *, strength=0.75, negative_prompt="", steps=30, guidance=7.5,
-            scheduler="ddim", seed=0, width=None, height=None, batch=1, callback=None, progress=True) -> Result:
-    """img2img: start from the image's latent noised to the start timestep that `strength` picks."""
+def img2img(model, image, prompt, *, strength=0.75, negative_prompt="", steps=None, guidance=None,
+            scheduler=None, seed=0, width=None, height=None, batch=1, callback=None, progress=True) -> Result:
+    """img2img: start from the image's latent noised to the start timestep that `strength` picks.
+    steps, guidance, scheduler: None = the model's."""
+    steps, guidance, scheduler = _sampling(model, steps, guidance, scheduler)
     seed = resolve_seed(seed)
     image, width, height = _prepare_image(model, image, width, height)
     _check_common(model, steps, guidance, batch, width, height)
@@ -270,16 +282,21 @@ def img2img(model, image, prompt, *, strength=0.75, negative_prompt="", steps=30
 @_with_prompt_tags
 @_with_embeddings
 @_with_lora
-def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=4.0, only_masked=False, padding=32,
-            resize_mask=False, negative_prompt="", steps=30, guidance=7.5, scheduler="ddim", seed=0,
+def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=None, only_masked=False, padding=32,
+            resize_mask=False, negative_prompt="", steps=None, guidance=None, scheduler=None, seed=0,
             width=None, height=None, batch=1, callback=None, progress=True) -> Result:
     """Inpainting: repaint where the mask is white; keep the rest on the original's noise path.
 
     only_masked: inpaint the mask's bounding box (+padding) at full model resolution, then paste back.
-    mask_blur: Gaussian radius (px) of the feathered paste-back, 0 = hard edge.
+    mask_blur: Gaussian radius (px) of the feathered paste-back, 0 = hard edge; None = `images.default_mask_blur`
+    of the picture (a fixed fraction of its shorter side).
+    steps, guidance, scheduler: None = the model's.
     `extra["raw"]` holds the decoded images before paste-back."""
+    steps, guidance, scheduler = _sampling(model, steps, guidance, scheduler)
     seed = resolve_seed(seed)
     image, width, height = _prepare_image(model, image, width, height)
+    if mask_blur is None:
+        mask_blur = im.default_mask_blur(width, height)
     if isinstance(mask, (str, bytes)) or hasattr(mask, "__fspath__"):
         mask = im.load_image(mask, "--mask", mode="L")
     mask = mask.convert("L")
@@ -321,10 +338,14 @@ def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=4.0, only_mas
 @_with_prompt_tags
 @_with_embeddings
 @_with_lora
-def outpaint(model, image, prompt, *, left=0, right=0, top=0, bottom=0, overlap=8, fill="edge",
-             strength=1.0, mask_blur=4.0, **kwargs) -> Result:
-    """Outpainting: inpainting on a canvas extended by the given pixels on each side."""
+def outpaint(model, image, prompt, *, left=0, right=0, top=0, bottom=0, overlap=None, fill="edge",
+             strength=1.0, mask_blur=None, **kwargs) -> Result:
+    """Outpainting: inpainting on a canvas extended by the given pixels on each side.
+    overlap: px of the original repainted along each extended side; None = `images.default_overlap` (1/8 of
+    the image's size across that side, in whole latent cells). mask_blur: None = that of the extended canvas."""
     image, _, _ = _prepare_image(model, image, None, None)
+    if overlap is None:
+        overlap = im.default_overlap(image.width, image.height, model.vae_scale_factor)
     canvas, mask = im.extend_canvas(image, left, right, top, bottom, overlap, fill, seed=kwargs.get("seed", 0))
     for name, v in (("width", canvas.width), ("height", canvas.height)):
         if v % model.size_multiple:
@@ -347,9 +368,11 @@ def batches(pipeline, model, *args, batch_count=1, seed=0, batch=1, **kwargs) ->
                   {"runs": runs, "grid": im.grid([r.images for r in runs])})
 
 
-def sweep_strength(model, image, prompt, *, strengths=(0.0, 0.25, 0.5, 0.75, 1.0), seeds=(0, 1), steps=30,
+def sweep_strength(model, image, prompt, *, strengths=(0.0, 0.25, 0.5, 0.75, 1.0), seeds=(0, 1), steps=None,
                    scale=4, **kwargs) -> tuple[Image.Image, list[list[StartInfo]]]:
-    """A grid: strengths across, seeds down; each cell labelled with strength, start step and abar."""
+    """A grid: strengths across, seeds down; each cell labelled with strength, start step and abar.
+    steps (and guidance, scheduler in kwargs): None = the model's."""
+    steps = model.sampling(steps=steps)["steps"]
     cells, labels, infos = [], [], []
     for seed in seeds:
         row, lab, inf = [], [], []
