@@ -123,3 +123,10 @@ def test_inpaint_and_outpaint_use_and_record_the_fraction_defaults(tiny, photo, 
     r = outpaint(tiny, photo, P, left=8, overlap=2, mask_blur=1, steps=2, progress=False)  # explicit px still work
     mask = np.asarray(r.extra["mask"]) > 127
     assert mask[:, :10].all() and not mask[:, 10:].any() and "Mask blur: 1" in r.parameters[0]
+
+
+def test_saved_model_keeps_its_settings(own_dir, tmp_path):
+    from sdknobs.model import save_model
+
+    save_model(load_model(own_dir), tmp_path / "saved")  # e.g. lora merge: the recommended settings travel along
+    assert load_model(tmp_path / "saved").sampling_defaults == OWN
