@@ -390,7 +390,8 @@ def markdown(res: dict, png: str, quick: bool) -> str:
         f"| base model, \"striped circle/square/triangle\" | {_pct(bs['target'])} | {_found(bs['found'])} |",
         f"| `{STYLE_TOKEN}` (1 vector, init \"striped\") | {_pct(R['ti-style']['target'])} | {_found(R['ti-style']['found'])} |",
         "",
-        f"A learned token moves the striped rate from {_pct(bs['target'])} to {_pct(R['ti-style']['target'])} "
+        (f"A learned token leaves the striped rate at {_pct(bs['target'])} " if _pct(bs['target']) == _pct(R['ti-style']['target'])
+         else f"A learned token moves the striped rate from {_pct(bs['target'])} to {_pct(R['ti-style']['target'])} ") +
         f"(the analyzer reads {_found(R['ti-style']['found'])}) and costs the rest of the prompt: colour right "
         f"{_pct(R['ti-style']['colour'])}, position right {_pct(R['ti-style']['position'])}. As the issue "
         "predicts, a new input vector can only point the frozen U-Net at what it already draws, and it never drew "
