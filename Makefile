@@ -24,6 +24,7 @@ test: env
 
 results: env
 	$(BIN)/sdknobs bench quality --grid out/quality_samples.png --overwrite
+	$(BIN)/sdknobs bench analyzers --failures docs/quality_analyzer_failures.png --overwrite   # analyzer accuracy per tier
 	$(BIN)/python -m sdknobs.lora.results    # ~10 min on 1 core: docs/lora.md, docs/lora/
 	$(BIN)/python -m sdknobs.ti.results      # ~8 min on 1 core: docs/textual_inversion.md
 

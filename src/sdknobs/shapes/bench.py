@@ -234,6 +234,7 @@ def register_cli(sub) -> None:
     a.add_argument("--seed", type=int, default=123)
     a.add_argument("--labels", default=LABELS, help="hand-labelled generated pictures")
     a.add_argument("--failures", default="", help="also write the VAE tier's misread pictures here (PNG)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing --failures file")
     a.set_defaults(func=_cmd_analyzers, config=None)
 
 
@@ -270,8 +271,17 @@ def _cmd_quality(args) -> None:
 
 
 def _cmd_analyzers(args) -> None:
+    from sdknobs.errors import SdknobsError
     from sdknobs.model import load_model
 
+    if args.n < 1:
+        raise SdknobsError(f"--n must be >= 1, got {args.n}")
+    if args.failures:
+        from sdknobs.atomic import check_out_path
+
+        if not args.failures.lower().endswith(".png"):
+            raise SdknobsError(f"--failures {args.failures!r} must end in .png")
+        check_out_path(args.failures, "--failures", overwrite=args.overwrite)
     res = validate_analyzers(load_model(args.model), n=args.n, seed=args.seed, labels=args.labels)
     print("\n".join(tier_table(res)))
     for name, (_, _, wrong) in res.items():

@@ -299,7 +299,7 @@ them). At the end every model weight is bit-identical to the base model's (a tes
 sdknobs train-ti DATA_DIR --token "<my-shape>" --init-word shape --vectors 1 --steps 150 --batch-size 8 \\
     --learning-rate 2e-2 --min-snr-gamma 0.1 --cache-latents --template captions --caption-word shape
 sdknobs generate --prompt "a small red <my-shape> on the left, white background" \\
-    --embedding out/ti-my-shape/learned_embeds.safetensors [--embedding other.pt=<other>] [--lora x.safetensors]
+    --embedding out/ti-my-shape/my-shape.safetensors [--embedding other.pt=<other>] [--lora x.safetensors]
 sdknobs ti verify   FILE    # prompts without the token: bit-identical images; no weight changed
 sdknobs ti nearest  FILE    # top-k vocabulary words by cosine per vector, and the init word's similarity
 sdknobs ti trace-step       # one step on shapes pictures: tensor shapes, rows with non-zero gradient
@@ -312,14 +312,30 @@ caption every picture from diffusers' templates ("a photo of a {}", "a painting 
 options (learning-rate schedule, `--grad-accum`, `--checkpoint-every` + `--resume`, validation grids,
 the loss-curve PNG, Accelerate) work as for `train-lora`.
 
-Files: diffusers' `learned_embeds.safetensors` `{token: [N, D]}` by default; `--format kohya` writes
-`NAME.safetensors` with `emb_params` (kohya, AUTOMATIC1111, ComfyUI; the token is the file name) and
-`--format a1111` an A1111 `.pt` (`string_to_param`). All three are read, plus diffusers' `.bin`; pickled
-files go through `torch.load(weights_only=True)` and anything needing more (code objects, classes) is
-refused. A width that is not the text encoder's is an error naming both (768 SD1.x, 1024 SD2.x, 1280
-SDXL's second encoder, the embedded model's own). Python: `sdknobs.ti.load_embedding(model, FILE)`, or
-`embeddings=[FILE]` on `generate`/`img2img`/`inpaint`/`outpaint`; a test loads our file with diffusers'
-`pipe.load_textual_inversion` and gets the same latents as ours.
+Files: diffusers' `{token: [N, D]}` by default; `--format kohya` writes `emb_params` (kohya, AUTOMATIC1111,
+ComfyUI) and `--format a1111` an A1111 `.pt` (`string_to_param`), re-packed so that it holds only the
+records A1111's safe-unpickle check (`modules/safe.py`) accepts (torch 2.13 adds `.format_version`,
+`.storage_alignment`, `byteorder`, `.data/serialization_id`, which it rejects), under a folder named after
+the file. Every format's default name is the token without brackets, `<my-shape>` -> `my-shape.safetensors`
+(`.pt`), because A1111, ComfyUI and kohya take the trigger word from the file name:
+
+| tool | how a prompt triggers `my-shape.*` | formats read (`tests/interop`) | vectors |
+| --- | --- | --- | --- |
+| sdknobs | `<my-shape>` (the token in the file; `--embedding FILE=<other>` renames it) | all three | exact |
+| diffusers `load_textual_inversion` (run) | `<my-shape>`; the kohya format needs `token="<my-shape>"` (its key is `emb_params`) | all three | exact |
+| AUTOMATIC1111 (encoded: `textual_inversion.py`, `safe.py`) | `my-shape` (file name) | all three; the `.pt` passes `check_pt` | exact |
+| ComfyUI (encoded: `comfy/sd1_clip.py` `load_embed`) | `embedding:my-shape` | all three | exact |
+| kohya `gen_img.py` (encoded) | `my-shape` (file name; extra vectors `my-shape1`, ...) | all three | exact |
+
+Read as well: diffusers' `.bin`, A1111's older `.pt` with an `nn.ParameterDict` under `string_to_param`
+(allowed by name for `torch.load(weights_only=True)`), and A1111's PNG embeddings (the `sd-ti-embedding`
+text chunk, or the data hidden in the picture's edges, `ti/pngs.py`: JSON, never unpickled). Pickled files
+needing anything more (code objects, classes) are refused. Refused by name, in `generate --embedding`,
+`ti verify` and `ti nearest`: NaN/inf or integer vectors, no vectors, a width that is not the text
+encoder's (naming both: 768 SD1.x, 1024 SD2.x, 1280 SDXL's second encoder, the embedded model's own), SDXL
+`clip_l`/`clip_g` files, training checkpoints, truncated files. Python: `sdknobs.ti.load_embedding(model,
+FILE)`, or `embeddings=[FILE]` on `generate`/`img2img`/`inpaint`/`outpaint`; a test loads our file with
+diffusers' `pipe.load_textual_inversion` and gets the same latents as ours.
 """
 
 
