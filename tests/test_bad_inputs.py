@@ -399,14 +399,19 @@ def test_ctrl_c_while_sampling_exits_130_and_leaves_nothing(tmp_path):
     import time
 
     out = tmp_path / "o" / "x.png"
+    # SIG_DFL: a shell's background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     p = subprocess.Popen([sys.executable, "-m", "sdknobs", "generate", "--prompt", P, "--steps", "999", "--out", str(out)],
-                         stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    seen = ""
-    deadline = time.time() + 120
-    while "denoise" not in seen and time.time() < deadline:  # the loop has started (its progress bar)
-        seen += p.stderr.read(1)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+                         stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        seen = ""
+        deadline = time.time() + 120
+        while "denoise" not in seen and time.time() < deadline:  # the loop has started (its progress bar)
+            seen += p.stderr.read(1)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
     err = seen + err
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
