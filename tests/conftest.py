@@ -1,5 +1,6 @@
 import logging
 import os
+import signal
 
 import pytest
 import torch
@@ -9,6 +10,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # One thread: the test models are tiny, and on a shared 2-core machine a second OpenMP thread next to
 # another busy process spin-waits for its core (a tiny U-Net call went from 10 ms to 2 s).
 torch.set_num_threads(1)
+# Ctrl-C as in a terminal: a shell's background job (CI) starts Python with SIGINT ignored, and then no
+# KeyboardInterrupt is ever raised, so the tests that press Ctrl-C in-process would test nothing.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
