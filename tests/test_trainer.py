@@ -294,7 +294,7 @@ def test_config_errors(tmp_path, kw, msg):
 def test_cli_flags_from_the_config():
     import argparse
 
-    from sdknobs.cli import add_config_args, config_from_args
+    from sdknobs.flags import add_config_args, config_from_args
 
     parser = argparse.ArgumentParser()
     add_config_args(parser, TrainConfig)

@@ -6,87 +6,16 @@ the command and the exception; `-v` shows the traceback); 130 interrupted (Ctrl-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-import math
 import os
 import sys
 import traceback
 from pathlib import Path
 
 from sdknobs.errors import SdknobsError
+from sdknobs.flags import Parser, add_config_args, config_from_args  # noqa: F401  (re-exported)
 
 log = logging.getLogger("sdknobs")
-
-
-def finite_float(text: str) -> float:
-    """argparse type for every float flag: a finite number (NaN and inf are refused)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return v
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with our rules, for every command and subcommand: float flags must be finite, and a
-    refused flag is one line on stderr with exit code 2 (no usage block)."""
-
-    def add_argument(self, *args, **kwargs):
-        if kwargs.get("type") is float:
-            kwargs["type"] = finite_float
-        return super().add_argument(*args, **kwargs)
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per dataclass field: --field-name, typed from the default, help from metadata."""
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        meta = dict(f.metadata)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = {"help": meta.get("help", "") + f" (default: {meta.get('shown', default)})", "dest": f.name}
-        if isinstance(default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-            kw["default"] = default
-        elif isinstance(default, list) and meta.get("repeatable"):  # --flag A --flag B (or --flag A B) -> [A, B]
-            kw.update(action="extend", nargs="+", type=meta.get("type", str), default=default)
-        elif isinstance(default, list):
-            kw.update(nargs="+", type=meta.get("type", str), default=default)
-        else:  # None = unset: the model's or the picture's default, resolved by the pipeline
-            kw.update(type=meta.get("type", type(default)) if default is None else type(default), default=default)
-        if meta.get("required"):
-            kw["required"] = True
-            kw.pop("default", None)
-        if f.name == "prompt" and "from_png" not in {x.name for x in dataclasses.fields(cls)}:
-            kw["required"] = True  # else checked in main: --prompt or --from-png
-        parser.add_argument(flag, **kw)
-
-
-def config_from_args(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
-
-def add_train_args(sp: argparse.ArgumentParser, cls) -> None:
-    """Flags of a training config, plus DATA_DIR as an optional positional alternative to --data-dir."""
-    sp.add_argument("data", nargs="?", default="", metavar="DATA_DIR", help="folder of training images (or --data-dir)")
-    add_config_args(sp, cls)
-    for a in sp._actions:
-        if a.dest == "data_dir":
-            a.required = False
-            a.default = ""
-
-
-def train_config_from_args(cls, args: argparse.Namespace):
-    """The training config from parsed flags; DATA_DIR and --data-dir must not disagree."""
-    if args.data and args.data_dir and args.data != args.data_dir:
-        raise SdknobsError(f"two data folders given: DATA_DIR {args.data!r} and --data-dir {args.data_dir!r}")
-    args.data_dir = args.data or args.data_dir
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def _grid_path(out: str) -> Path:

@@ -8,7 +8,7 @@ from sdknobs.errors import SdknobsError
 
 
 def register_cli(sub) -> None:
-    from sdknobs.cli import add_train_args
+    from sdknobs.flags import add_train_args
     from sdknobs.lora.train import LoraTrainConfig
 
     def train_parser(parent, name, help):
@@ -65,7 +65,7 @@ def register_cli(sub) -> None:
 
 
 def _train_config(args):
-    from sdknobs.cli import train_config_from_args
+    from sdknobs.flags import train_config_from_args
     from sdknobs.lora.train import LoraTrainConfig
 
     return train_config_from_args(LoraTrainConfig, args)

@@ -832,7 +832,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from sdknobs.cli import add_config_args
+    from sdknobs.flags import add_config_args
 
     parser = parser or argparse.ArgumentParser(prog="python -m sdknobs.shapes.pretrain", description=__doc__.splitlines()[0])
     add_config_args(parser, PretrainConfig)

@@ -7,7 +7,7 @@ from sdknobs.errors import SdknobsError
 
 
 def register_cli(sub) -> None:
-    from sdknobs.cli import add_train_args
+    from sdknobs.flags import add_train_args
     from sdknobs.ti.train import TITrainConfig
 
     sp = sub.add_parser("train-ti", help="textual inversion: learn a new token's embedding rows (everything else frozen)",
@@ -72,7 +72,7 @@ def _load(args):
 def cmd_train_ti(args) -> None:
     from sdknobs.ti.train import TITrainConfig, train_ti
 
-    from sdknobs.cli import train_config_from_args
+    from sdknobs.flags import train_config_from_args
 
     cfg = train_config_from_args(TITrainConfig, args)
     res, method = train_ti(cfg)
