@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,23 @@ def check_device(device: str | None) -> torch.device:
             raise SdknobsError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
                                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
+
+
+def available_memory(device: torch.device | str | None = None) -> int | None:
+    """Bytes free for tensors: CUDA's free memory on a cuda device, else the kernel's MemAvailable (free
+    RAM plus what the page cache would give back); None where the system does not say."""
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:

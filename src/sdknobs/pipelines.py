@@ -10,7 +10,6 @@ import math
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -18,6 +17,7 @@ from sdknobs import images as im
 from sdknobs.errors import SdknobsError
 from sdknobs.fast import sampling_unet
 from sdknobs.loop import SCHEDULERS, SEED_MAX, StartInfo, check_steps, denoise, make_scheduler, resolve_seed, start_index
+from sdknobs.model import available_memory
 from sdknobs.text import encode_prompt
 
 log = logging.getLogger(__name__)
@@ -49,18 +49,6 @@ def _check_common(model, steps, guidance, batch, width, height):
     check_memory(model, width, height, batch, cfg=guidance > 1)
 
 
-def available_memory(device: torch.device) -> int:
-    """Bytes free for tensors on `device`: CUDA's free memory, or the kernel's MemAvailable."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def estimate_memory(model, width: int, height: int, batch: int) -> int:
     """A lower bound on the activation bytes of one sampling run: the largest feature map of the VAE
     decoder (full resolution, down to the latent) and of the U-Net (on `batch` latents), four live
@@ -78,7 +66,7 @@ def check_memory(model, width: int, height: int, batch: int, cfg: bool = True) -
     """SdknobsError, before any allocation, for a size or batch whose activations cannot fit (classifier-free
     guidance runs the U-Net on 2 * batch latents)."""
     need, have = estimate_memory(model, width, height, batch * (2 if cfg else 1)), available_memory(model.device)
-    if need > have:
+    if have is not None and need > have:
         raise SdknobsError(f"{width}x{height} px at batch {batch} needs at least {need / 2**30:.1f} GiB for activations, "
                            f"but {have / 2**30:.1f} GiB is free on {model.device}; use a smaller --width/--height "
                            f"or --batch")

@@ -767,10 +767,10 @@ def _outside_package(path: Path, what: str) -> None:
 
 def _check_memory(cfg: PretrainConfig) -> None:
     """Refuse sizes that cannot fit: a lower bound of what the run holds at once, against free RAM (or GPU memory)."""
-    from sdknobs.training.data import available_memory
+    from sdknobs.model import available_memory
 
     dev = torch.device(cfg.device)
-    avail = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else available_memory()
+    avail = available_memory(dev)
     if avail is None:
         return
     lat, f32 = cfg.latent_size, 4

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from PIL import Image
 
 from sdknobs.errors import SdknobsError
 from sdknobs.images import load_image
+from sdknobs.model import available_memory
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_EPOCH_ITEMS = 10_000_000  # images x repeats: one epoch's permutation is held in memory
@@ -88,14 +88,6 @@ def read_text(path: Path, what: str) -> str:
     except UnicodeDecodeError as e:
         raise SdknobsError(f"{what}: {str(path)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset "
                            f"{e.start}); save it as UTF-8") from e
-
-
-def available_memory() -> int | None:
-    """Bytes of free RAM (None where the OS does not say)."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _read_jsonl(folder: Path, what: str) -> dict[str, str]:

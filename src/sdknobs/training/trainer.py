@@ -40,8 +40,9 @@ import torch
 from sdknobs.config import _f  # config fields with help text (lora/ti import it from here)
 from sdknobs.errors import SdknobsError
 from sdknobs.fast import training_unet
+from sdknobs.model import available_memory
 from sdknobs.training.checkpoint import NonFiniteWeights, load_checkpoint, nonfinite, remove_stale, remove_stale_file
-from sdknobs.training.data import CaptionedDataset, Example, available_memory, read_folder, seed_for, split_validation
+from sdknobs.training.data import CaptionedDataset, Example, read_folder, seed_for, split_validation
 from sdknobs.training.dist import _Dist, accelerator_from_env  # noqa: F401  (re-exported)
 from sdknobs.training.method import (Method, ParamSubsetMethod, _atomic_write_text, _named_parameters,  # noqa: F401
                                      atomic_save_file)
