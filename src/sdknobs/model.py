@@ -35,8 +35,20 @@ SAMPLING_DEFAULTS = {
     "SD1.x": {"guidance": 7.5, "steps": 30, "scheduler": "ddim"},
     "SD2.x": {"guidance": 7.5, "steps": 30, "scheduler": "ddim"},
     "custom": {"guidance": 7.5, "steps": 30, "scheduler": "ddim"},
+    "sdxl": {"guidance": 5.0, "steps": 30, "scheduler": "euler"},  # diffusers' SDXL guidance; its base ships Euler
 }
 SAMPLING_KEYS = {"guidance": float, "steps": int, "scheduler": str}
+# Training defaults per family and method, for the flags a run leaves unset (the model folder's sdknobs.json
+# "training" section comes first; a family not listed takes the config dataclass's fallback): the community's
+# usual values, diffusers' train_dreambooth_lora / train_text_to_image_lora (lr 1e-4, batch 1, rank 4, 500
+# steps) and textual_inversion.py (3000 steps; lr 5e-3, its 5e-4 scaled by batch x accumulation).
+# `sdknobs.training.defaults` resolves and checks them; the shapes model ships its measured ones.
+TRAINING_DEFAULTS = {
+    "SD1.x": {"lora": {"learning_rate": 1e-4, "batch_size": 1, "steps": 500, "rank": 4, "min_snr_gamma": 0.0},
+              "ti": {"learning_rate": 5e-3, "batch_size": 1, "steps": 3000, "min_snr_gamma": 0.0}},
+    "SD2.x": {"lora": {"learning_rate": 1e-4, "batch_size": 1, "steps": 500, "rank": 4, "min_snr_gamma": 0.0},
+              "ti": {"learning_rate": 5e-3, "batch_size": 1, "steps": 3000, "min_snr_gamma": 0.0}},
+}
 
 
 @dataclass
@@ -52,6 +64,39 @@ class Model:
     source: str = ""
     extra: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)  # the folder's sdknobs.json ({"sampling": {...}, ...}), {} if none
+    tokenizer_2: object = None  # SDXL: the second tokenizer (OpenCLIP's, pads with "!")
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: transformers.CLIPTextModelWithProjection (pooled output)
+
+    @property
+    def spec(self):
+        """The family description (`sdknobs.families.Family`): text encoders, added conditioning, defaults."""
+        from sdknobs.families import family_of
+
+        return family_of(self.family, self.text_encoder_2 is not None)
+
+    @property
+    def tokenizers(self) -> list:
+        """One tokenizer per text encoder, in the order their hidden states are concatenated."""
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+
+    @property
+    def text_encoders(self) -> list:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+
+    @property
+    def text_encoder_names(self) -> list[str]:
+        """Component names of the text encoders ("text_encoder", "text_encoder_2"), as in diffusers' folders."""
+        return ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
+
+    @property
+    def text_widths(self) -> list[int]:
+        """Each text encoder's hidden width (token-embedding width), e.g. [768, 1280] for SDXL."""
+        return [int(e.config.hidden_size) for e in self.text_encoders]
+
+    @property
+    def context_width(self) -> int:
+        """The width of the hidden states the U-Net attends to: the encoders' widths summed (SDXL concatenates)."""
+        return sum(self.text_widths)
 
     @property
     def sampling_defaults(self) -> dict:
@@ -102,7 +147,7 @@ class Model:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     def components(self) -> dict[str, torch.nn.Module]:
-        return {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
+        return {**dict(zip(self.text_encoder_names, self.text_encoders)), "unet": self.unet, "vae": self.vae}
 
     def to(self, device=None, dtype=None) -> "Model":
         for m in self.components().values():
@@ -248,17 +293,46 @@ def load_model(model: str | Path = "shapes", device: str | None = None, dtype: s
     return m
 
 
+def _model_index(path: Path) -> dict:
+    """A folder's model_index.json ({} when absent: older sdknobs folders and hand-made ones have none)."""
+    f = path / "model_index.json"
+    if not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SdknobsError(f"model folder {path}: model_index.json is not readable JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise SdknobsError(f"model folder {path}: model_index.json holds no JSON object")
+    return data
+
+
+def _folder_family(path: Path, index: dict):
+    """The family description of a diffusers folder: SDXL when model_index.json names text_encoder_2 (or the folder
+    has one), else the one-encoder description. An SDXL refiner (text_encoder_2 only) is refused by name."""
+    from sdknobs.families import SD1, SDXL
+
+    two = bool(index.get("text_encoder_2", [None])[0]) if "text_encoder_2" in index else (path / "text_encoder_2").is_dir()
+    if two and "text_encoder" in index and not (index["text_encoder"] or [None])[0]:
+        raise SdknobsError(f"model folder {path}: an SDXL refiner (text_encoder_2 only, model_index.json "
+                           f"{index.get('_class_name', '?')}); sdknobs loads SDXL base models, not refiners")
+    return SDXL if two else SD1
+
+
 def _load_folder(path: Path, dtype: torch.dtype) -> Model:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    index = _model_index(path)
+    spec = _folder_family(path, index)
+    needed = (*spec.tokenizers, *spec.encoders, "unet", "vae", "scheduler")
+    missing = [c for c in needed if not (path / c).is_dir()]
     if missing:
         raise SdknobsError(
             f"model folder {path} is missing component folder(s) {', '.join(missing)}; a diffusers "
-            f"Stable Diffusion folder needs {', '.join(COMPONENTS)}"
+            f"{'SDXL' if spec.two_encoders else 'Stable Diffusion'} folder needs {', '.join(needed)}"
         )
-    for c in ("text_encoder", "unet", "vae"):  # from_pretrained would unpickle .bin files: refuse them
+    for c in (*spec.encoders, "unet", "vae"):  # from_pretrained would unpickle .bin files: refuse them
         if not any((path / c).glob("*.safetensors")):
             pickled = sorted(p.name for p in (path / c).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             found = f"only pickled weights ({', '.join(pickled)})" if pickled else "no weights"
@@ -272,6 +346,11 @@ def _load_folder(path: Path, dtype: torch.dtype) -> Model:
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype, local_files_only=True,
                                                      use_safetensors=True)
+        tokenizer_2 = text_encoder_2 = None
+        if spec.two_encoders:
+            tokenizer_2 = CLIPTokenizer.from_pretrained(path / "tokenizer_2", local_files_only=True)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                path / "text_encoder_2", torch_dtype=dtype, local_files_only=True, use_safetensors=True)
         unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, local_files_only=True,
                                                     use_safetensors=True)
         vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True,
@@ -284,9 +363,11 @@ def _load_folder(path: Path, dtype: torch.dtype) -> Model:
         raise SdknobsError(f"model folder {path}: {sched_file.relative_to(path)} is not readable JSON ({e})") from e
     if not isinstance(scheduler_config, dict):
         raise SdknobsError(f"model folder {path}: {sched_file.relative_to(path)} holds no JSON object")
-    family = detect_family(text_encoder.config.hidden_size)
+    family = spec.name if spec.two_encoders else detect_family(text_encoder.config.hidden_size)
+    extra = {"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt",
+                                                            spec.force_zeros_for_empty_prompt))}
     return Model(tokenizer, text_encoder, unet, vae, scheduler_config, family=family, source=str(path),
-                 settings=read_settings(path))
+                 settings=read_settings(path), extra=extra, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2)
 
 
 def save_model(m: Model, path: str | Path) -> Path:
@@ -300,15 +381,18 @@ def save_model(m: Model, path: str | Path) -> Path:
     from sdknobs.atomic import atomic_folder
 
     def write(tmp: Path) -> None:
-        m.tokenizer.save_pretrained(tmp / "tokenizer")
-        from sdknobs.te_layout import save_text_encoder; save_text_encoder(m.text_encoder, tmp / "text_encoder")  # noqa: E702,I001 - text_model. keys: transformers 4 and 5 load them
+        from sdknobs.te_layout import save_text_encoder  # text_model. keys: transformers 4 and 5 load them
+
+        for name, tok, enc in zip(m.text_encoder_names, m.tokenizers, m.text_encoders):
+            tok.save_pretrained(tmp / name.replace("text_encoder", "tokenizer"))
+            save_text_encoder(enc, tmp / name)
         m.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         m.vae.save_pretrained(tmp / "vae", safe_serialization=True)
         (tmp / "scheduler").mkdir()
         sched = {"_class_name": m.scheduler_config.get("_class_name", "DDIMScheduler"), **m.scheduler_config}
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
         index = {
-            "_class_name": "StableDiffusionPipeline",
+            "_class_name": m.spec.pipeline_class,
             "_diffusers_version": diffusers.__version__,
             "feature_extractor": [None, None],
             "requires_safety_checker": False,
@@ -319,6 +403,13 @@ def save_model(m: Model, path: str | Path) -> Path:
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
         }
+        if m.text_encoder_2 is not None:  # StableDiffusionXLPipeline's components
+            for k in ("feature_extractor", "safety_checker", "requires_safety_checker"):
+                index.pop(k)
+            index.update(image_encoder=[None, None], feature_extractor=[None, None],
+                         text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                         tokenizer_2=["transformers", "CLIPTokenizer"],
+                         force_zeros_for_empty_prompt=bool(m.extra.get("force_zeros_for_empty_prompt", True)))
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         if m.settings:  # the recommended settings travel with the weights
             (tmp / SETTINGS_FILE).write_text(json.dumps(m.settings, indent=2))
