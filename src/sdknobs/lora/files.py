@@ -1,13 +1,17 @@
 """LoRA files: one in-memory form (`LoraWeights`), read from and written to the layouts people share.
 
-In memory, a LoRA is a dict  "unet.<module path>" / "text_encoder.<module path>"  ->  (A, B, alpha),
+In memory, a LoRA is a dict  "unet.<module path>" / "text_encoder.<module path>" (SDXL: also
+"text_encoder_2.<module path>", its second, OpenCLIP-bigG encoder)  ->  (A, B, alpha),
 where the layer's update is  delta W = (alpha / r) * B A  (A = down [r, in(, k, k)], B = up [out, r(, 1, 1)]).
 Text-encoder paths keep CLIP's "text_model." prefix, as kohya, A1111 and transformers 4.x name them.
 
 On disk (.safetensors only; written to a temporary file and renamed, so never half-written):
 - kohya / A1111 / ComfyUI (the default):  lora_unet_<path with _>.lora_down.weight / .lora_up.weight
-  / .alpha,  and lora_te_<path>... for the text encoder; metadata in kohya's ss_* keys.
-- diffusers (`save_lora_weights`):  unet.<path>.lora_A.weight / .lora_B.weight, text_encoder.<path>...,
+  / .alpha,  and lora_te_<path>... for the text encoder; metadata in kohya's ss_* keys. SDXL (as kohya's
+  sdxl_train_network.py writes it): lora_unet_<the ORIGINAL SGM module path>, e.g.
+  lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q (`keys.sgm_name`), lora_te1_ and lora_te2_;
+- diffusers (`save_lora_weights`):  unet.<path>.lora_A.weight / .lora_B.weight, text_encoder.<path>...
+  (and text_encoder_2.<path>... on SDXL),
   alpha in the `lora_adapter_metadata` JSON (LoraConfig fields per component).
 - read only: peft (`<path>.lora_A.weight`, optional `base_model.model.` prefix and adapter_config.json
   beside the file; CLIP paths with or without text_model.) and diffusers' older
@@ -35,6 +39,8 @@ from sdknobs.errors import SdknobsError
 
 FORMATS = ("kohya", "diffusers")
 TE_PREFIX = "text_model."
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_COMPONENTS = COMPONENTS[1:]
 
 
 @dataclass
@@ -65,6 +71,8 @@ class LoraWeights:
     source_keys: dict[str, str] = field(default_factory=dict)  # layer -> its down key in the file (messages)
     path: str = ""
     format: str = ""
+    architecture: str = ""  # keys.Family name ("SDXL", "SD1.x/SD2.x"); "" = from the layer names
+    unet_layout: object = None  # keys.UnetLayout for kohya's SGM names (None: SDXL's)
 
     def key_in_file(self, layer: str) -> str:
         return self.source_keys.get(layer, layer)
@@ -134,7 +142,7 @@ def read_lora(path: str | Path, model=None) -> LoraWeights:
     """Read a kohya, diffusers or peft LoRA .safetensors file (format detected from its keys), check its
     architecture and every tensor (float, finite, rank >= 1, up/down shapes that agree). `model` only
     makes messages name the model the file was meant for."""
-    from sdknobs.lora.keys import SUPPORTED, detect_architecture
+    from sdknobs.lora.keys import SUPPORTED, UnetLayout, check_architecture, detect_architecture
 
     path = Path(path)
     sd, meta = _open(path)
@@ -144,18 +152,22 @@ def read_lora(path: str | Path, model=None) -> LoraWeights:
             if model is not None else f"sdknobs loads {SUPPORTED}-architecture models"
         _fail(path, f"is a LoRA for {family.name} ({evidence}); {mine}, whose layers have other names and "
                     f"shapes; use it with an {family.name} model in a tool that supports it")
+    if model is not None:
+        check_architecture(f"LoRA file {path}", family, evidence, model)
+    layout = UnetLayout.of(model.unet.config) if model is not None else \
+        UnetLayout(int(meta.get("sdknobs.unet_layers_per_block", 2) or 2))
     keys = list(sd)
-    if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
-        w = _read_kohya(path, sd)
+    if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+        w = _read_kohya(path, sd, family.name == "SDXL", layout)
     elif any(".lora_A." in k or ".lora_B." in k or ".lora.down." in k or "_lora.down." in k
              or ".lora_linear_layer." in k for k in keys):
-        w = _read_peft(path, sd, meta)
+        w = _read_peft(path, sd, meta, family.name == "SDXL")
     else:
         bad = next(k for k in keys if not k.startswith(("lora_unet_", "lora_te")))
         _fail(path, f"key {bad!r} is neither kohya (lora_unet_/lora_te_...) nor diffusers/peft (...lora_A/lora_B)")
     for layer, f in w.layers.items():
         _check_factors(path, w.key_in_file(layer), f)
-    w.metadata, w.path = meta, str(path)
+    w.metadata, w.path, w.architecture, w.unet_layout = meta, str(path), family.name, layout
     return w
 
 
@@ -188,10 +200,11 @@ def _alpha(path, name: str, t) -> float:
     return float(t.item())
 
 
-def _read_kohya(path, sd) -> LoraWeights:
-    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+def _read_kohya(path, sd, xl: bool = False, layout=None) -> LoraWeights:
+    from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
+                                                         _maybe_map_sgm_blocks_to_diffusers)
 
-    from sdknobs.lora.keys import KOHYA_TE, KOHYA_UNET, UNET_MODULE
+    from sdknobs.lora.keys import KOHYA_TE, KOHYA_UNET, KOHYA_UNET_SGM, UNET_MODULE, UNET_MODULE_XL, sgm_name
 
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
@@ -200,12 +213,22 @@ def _read_kohya(path, sd) -> LoraWeights:
             _fail(path, f"key {k!r} is not a LoRA down/up/alpha weight (LyCORIS LoHa/LoKr, DoRA and bias "
                         f"keys are not supported)")
         groups.setdefault(name, {})[suffix] = v
-    unknown = [n for n in groups if not (KOHYA_UNET.match(n) or KOHYA_TE.match(n))]
+    unet_grammar = UNET_MODULE_XL if xl else UNET_MODULE
+    diffusers_named = re.compile("^lora_unet_" + unet_grammar.pattern[1:].replace(r"\.", "_"))
+    sgm = [n for n in groups if KOHYA_UNET_SGM.match(n)] if xl else []
+    unknown = [n for n in groups if not (diffusers_named.match(n) or KOHYA_TE.match(n) or n in sgm)]
     if unknown:
-        _fail(path, f"{len(unknown)} layer name(s) {_list(unknown)} are no LoRA-able layer of an SD1.x/SD2.x "
-                    f"U-Net or CLIP text encoder (expected lora_unet_<diffusers module path with _>, e.g. "
-                    f"lora_unet_mid_block_attentions_0_proj_in, or lora_te_text_model_encoder_layers_N_"
-                    f"self_attn_q_proj/k/v/out_proj or _mlp_fc1/fc2)")
+        what, example = ("an SDXL", "lora_unet_<SGM module path with _>, e.g. lora_unet_input_blocks_4_1_"
+                         "transformer_blocks_0_attn2_to_k, lora_unet_<diffusers path with _>, or lora_te1_/lora_te2_"
+                         "text_model_encoder_layers_N_") if xl else \
+            ("an SD1.x/SD2.x", "lora_unet_<diffusers module path with _>, e.g. lora_unet_mid_block_attentions_0_"
+             "proj_in, or lora_te_text_model_encoder_layers_N_")
+        _fail(path, f"{len(unknown)} layer name(s) {_list(unknown)} are no LoRA-able layer of {what} U-Net or "
+                    f"CLIP text encoder (expected {example}self_attn_q_proj/k/v/out_proj or _mlp_fc1/fc2)")
+    mixed = [n for n in groups if n.startswith("lora_unet_") and n not in sgm and re.match(
+        r"lora_unet_(down_blocks|mid_block|up_blocks)_", n)]
+    if sgm and mixed:  # diffusers' SGM map would drop the SGM half of such a file: refuse instead
+        _fail(path, f"mixes kohya's SGM U-Net names ({sgm[0]!r}) with diffusers' ({mixed[0]!r}); expected one layout")
     pairs, origin = {}, {}
     for name, g in groups.items():
         for part in ("lora_down.weight", "lora_up.weight"):
@@ -215,18 +238,24 @@ def _read_kohya(path, sd) -> LoraWeights:
             origin[id(g[part])] = name
     # diffusers' converter renames kohya keys; the tensors keep their identity, which maps them back
     try:
+        if sgm:  # kohya's SDXL names: diffusers' own SGM -> diffusers block map, as SDXL's load_lora_weights runs it
+            from types import SimpleNamespace
+
+            pairs = _maybe_map_sgm_blocks_to_diffusers(dict(pairs), SimpleNamespace(
+                layers_per_block=layout.layers_per_block))
         converted, _ = _convert_non_diffusers_lora_to_diffusers(dict(pairs))
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, IndexError) as e:
         _fail(path, f"diffusers cannot place these kohya keys: {str(e).strip()[:300]}")
     by_component = {c: {k[len(c) + 1:]: v for k, v in converted.items() if k.startswith(c + ".")}
-                    for c in ("unet", "text_encoder")}
+                    for c in COMPONENTS}
     out = LoraWeights({}, format="kohya")
     for component, part in by_component.items():
         for k, v in _to_peft(component, part).items():
             module, ab = _split_peft_key(path, k)
             name = origin[id(v)]
             prefix = "lora_unet_" if component == "unet" else name[: name.index("_text_model") + 1]
-            if prefix + module.replace(".", "_") != name or (component == "unet" and not UNET_MODULE.match(module)):
+            back = sgm_name(module, layout) if name in sgm else prefix + module.replace(".", "_")
+            if back != name or (component == "unet" and not unet_grammar.match(module)):
                 _fail(path, f"key {name + '.lora_down.weight'!r} was converted to {component} layer {module!r}, "
                             f"which does not name it back; refusing to guess")
             layer = f"{component}.{module}"
@@ -266,11 +295,12 @@ def _split_peft_key(path, key: str) -> tuple[str, str]:
 
 
 def _peft_components(path, tensors: dict) -> dict[str, dict]:
-    """Split peft keys by component: 'unet.' / 'text_encoder.' prefixes, or (bare peft files) by the module
-    names: CLIP's with or without text_model. (transformers 5 saves adapters without it), else the U-Net's."""
+    """Split peft keys by component: 'unet.' / 'text_encoder.' / 'text_encoder_2.' prefixes, or (bare peft
+    files) by the module names: CLIP's with or without text_model. (transformers 5 saves adapters without it),
+    else the U-Net's."""
     from sdknobs.lora.keys import component_of_module
 
-    parts = {"unet": {}, "text_encoder": {}}
+    parts = {c: {} for c in COMPONENTS}
     unknown = []
     for k, v in tensors.items():
         comp, _, rest = k.partition(".")
@@ -299,10 +329,10 @@ def _component_by_prefix(key: str) -> str | None:
     return None
 
 
-def _read_peft(path, sd, meta) -> LoraWeights:
+def _read_peft(path, sd, meta, xl: bool = False) -> LoraWeights:
     from peft.utils.other import get_pattern_key
 
-    from sdknobs.lora.keys import TE_MODULE, UNET_MODULE
+    from sdknobs.lora.keys import TE_MODULE, UNET_MODULE, UNET_MODULE_XL
 
     alphas_in_file, tensors = {}, {}
     for k, v in sd.items():
@@ -321,13 +351,13 @@ def _read_peft(path, sd, meta) -> LoraWeights:
         configs[component] = {k[len(component) + 1:]: v for k, v in config.items()
                               if k.startswith(component + ".")} or config
         original = {id(v): k for k, v in part.items()}
-        grammar = UNET_MODULE if component == "unet" else TE_MODULE
+        grammar = (UNET_MODULE_XL if xl else UNET_MODULE) if component == "unet" else TE_MODULE
         for k, v in _to_peft(component, part).items():
             module, ab = _split_peft_key(path, k)
             if not grammar.match(module):
                 _fail(path, f"key {original.get(id(v), k)!r} names {component} layer {module!r}, which is no "
-                            f"LoRA-able layer of an SD1.x/SD2.x {component.replace('_', ' ')}")
-            if component == "text_encoder" and not module.startswith(TE_PREFIX):
+                            f"LoRA-able layer of an {'SDXL' if xl else 'SD1.x/SD2.x'} {component.replace('_', ' ')}")
+            if component != "unet" and not module.startswith(TE_PREFIX):
                 module = TE_PREFIX + module
             layer = f"{component}.{module}"
             f = out.layers.setdefault(layer, LoraFactors(None, None, 0.0))
@@ -364,15 +394,34 @@ def _peft_state_dict(w: LoraWeights) -> dict[str, torch.Tensor]:
     return sd
 
 
+def architecture_of(w: LoraWeights) -> str:
+    """The family name of `w`: as read or extracted, else from its layer names (keys.detect_architecture)."""
+    from sdknobs.lora.keys import detect_architecture
+
+    return w.architecture or detect_architecture(list(w.layers), w.metadata)[0].name
+
+
 def to_kohya(w: LoraWeights) -> dict[str, torch.Tensor]:
-    """kohya/A1111 keys via diffusers' PEFT -> kohya converter; SD1/SD2 text encoders are lora_te_."""
+    """kohya/A1111 keys via diffusers' PEFT -> kohya converter; SD1/SD2 text encoders are lora_te_. SDXL as
+    kohya writes it: U-Net layers under their SGM names (`keys.sgm_name`), text encoders lora_te1_/lora_te2_."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
+    from sdknobs.lora.keys import UnetLayout, sgm_name
+
+    xl = architecture_of(w) == "SDXL"
     peft_sd = _peft_state_dict(w)
     layer_of = {id(v): k.rsplit(".lora_", 1)[0] for k, v in peft_sd.items()}
     out = {}
     for k, v in convert_state_dict_to_kohya(peft_sd).items():
-        k = k.replace("lora_te1_", "lora_te_", 1)
+        if not xl:
+            k = k.replace("lora_te1_", "lora_te_", 1)
+        elif k.startswith("lora_unet_") and not k.endswith(".alpha"):
+            module = layer_of[id(v)].split(".", 1)[1]
+            name = sgm_name(module, w.unet_layout or UnetLayout())
+            if name is None:
+                raise SdknobsError(f"LoRA layer unet.{module} has no name in kohya's SDXL (SGM) layout; write it "
+                                   f"with --format diffusers")
+            k = name + "." + k.split(".", 1)[1]
         if k.endswith(".alpha"):  # the converter writes alpha = r; the true alpha is set below
             continue
         out[k] = v
@@ -400,7 +449,7 @@ def portable(w: LoraWeights, fmt: str) -> LoraWeights:
     for k, f in w.layers.items():
         up = f.up if factor[k] == 1.0 else (f.up.detach().float() * factor[k]).to(f.up.dtype)
         layers[k] = LoraFactors(f.down, up, alpha[k])
-    return LoraWeights(layers, dict(w.metadata), dict(w.source_keys), w.path, w.format)
+    return LoraWeights(layers, dict(w.metadata), dict(w.source_keys), w.path, w.format, w.architecture, w.unet_layout)
 
 
 def write_lora(w: LoraWeights, path: str | Path, fmt: str = "kohya", metadata: dict | None = None) -> Path:
@@ -416,8 +465,12 @@ def write_lora(w: LoraWeights, path: str | Path, fmt: str = "kohya", metadata: d
         raise SdknobsError(f"nothing to write to {path}: the LoRA has no layers")
     for layer, f in w.layers.items():
         _check_factors(path, layer, f)
+    arch, layout = architecture_of(w), w.unet_layout
     w = portable(w, fmt)
+    w.architecture, w.unet_layout = arch, layout
     meta = {k: str(v) for k, v in {**w.metadata, **(metadata or {})}.items()}
+    if arch == "SDXL" and layout is not None:  # what the SGM numbering was made with (read back by read_lora)
+        meta["sdknobs.unet_layers_per_block"] = str(layout.layers_per_block)
     if fmt == "kohya":
         sd = to_kohya(w)
         if "ss_network_alpha" in meta:  # the file's one alpha (see `portable`)
@@ -434,7 +487,7 @@ def _diffusers_config(w: LoraWeights) -> dict:
     from diffusers.loaders.lora_base import _pack_dict_with_prefix
 
     out = {}
-    for component in ("unet", "text_encoder"):
+    for component in COMPONENTS:
         # module names without CLIP's text_model. prefix match with or without it (peft matches suffixes)
         layers = {k[len(component) + 1:].removeprefix(TE_PREFIX): f for k, f in w.layers.items()
                   if k.startswith(component + ".")}

@@ -21,13 +21,14 @@ CONFLICT_COS = -0.2  # a layer whose cosine is below this is reported as pulling
 
 
 def block_of(layer: str) -> str:
-    """'unet.down_blocks.0.attentions.1...' -> 'unet.down_blocks.0'; text encoder -> 'text_encoder.layers.N'."""
+    """'unet.down_blocks.0.attentions.1...' -> 'unet.down_blocks.0'; text encoders -> 'text_encoder.layers.N'
+    ('text_encoder_2.layers.N' for SDXL's second)."""
     comp, path = layer.split(".", 1)
     m = re.match(r"(down_blocks\.\d+|up_blocks\.\d+|mid_block|conv_in|conv_out|time_embedding)", path)
     if comp == "unet":
         return f"unet.{m[1]}" if m else "unet.other"
     m = re.search(r"layers\.(\d+)", path)
-    return f"text_encoder.layers.{m[1]}" if m else "text_encoder.other"
+    return f"{comp}.layers.{m[1]}" if m else f"{comp}.other"
 
 
 def presets_of(w: LoraWeights) -> dict[str, int]:
@@ -49,7 +50,9 @@ def inspect_lines(w: LoraWeights, model=None) -> list[str]:
     comps = defaultdict(int)
     for k in w.layers:
         comps[k.split(".", 1)[0]] += 1
-    out = [f"file:        {w.path} ({size / 1024:.1f} KiB, {w.format} layout)",
+    from sdknobs.lora.files import architecture_of
+
+    out = [f"file:        {w.path} ({size / 1024:.1f} KiB, {w.format} layout, {architecture_of(w)})",
            f"layers:      {len(w.layers)} (" + ", ".join(f"{c} {n}" for c, n in comps.items()) + ")",
            "targets:     " + (", ".join(f"{p} ({n} layers)" for p, n in presets_of(w).items()) or "custom"),
            "rank:        " + ", ".join(f"{r} ({n} layers)" for r, n in sorted(w.ranks().items())),
@@ -97,6 +100,12 @@ class Conflict:
 
 
 def conflict(a: LoraWeights, b: LoraWeights) -> Conflict:
+    from sdknobs.errors import SdknobsError
+    from sdknobs.lora.files import architecture_of
+
+    if architecture_of(a) != architecture_of(b):
+        raise SdknobsError(f"lora conflict: {a.path} is for {architecture_of(a)} but {b.path} for {architecture_of(b)}; "
+                           f"LoRAs of different architectures share no layer")
     cos, dot_sum, norm_sum = {}, 0.0, 0.0
     shared = [k for k in a.layers if k in b.layers]
     for k in shared:

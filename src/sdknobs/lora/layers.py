@@ -17,13 +17,24 @@ from pathlib import Path
 import torch
 
 from sdknobs.errors import SdknobsError
-from sdknobs.lora.files import TE_PREFIX, LoraFactors, LoraWeights, read_lora
+from sdknobs.lora.files import COMPONENTS, TE_PREFIX, LoraFactors, LoraWeights, read_lora
 from sdknobs.lora.spec import LoraSpec, parse_spec
 from sdknobs.lora.targets import Target, target_of
 
 
 def component(model, name: str) -> torch.nn.Module:
-    return model.unet if name == "unet" else model.text_encoder
+    """The model's 'unet', 'text_encoder' or (SDXL) 'text_encoder_2'; an error for one the model lacks."""
+    mod = getattr(model, name, None) if name in COMPONENTS else None
+    if mod is None:
+        raise SdknobsError(f"the model {getattr(model, 'source', '') or ''!r} (family {getattr(model, 'family', '?')}) "
+                           f"has no {name}" + ("; only SDXL models have a second text encoder" if name ==
+                                                "text_encoder_2" else ""))
+    return mod
+
+
+def model_components(model) -> tuple[str, ...]:
+    """The LoRA-able components this model has: unet, text_encoder (and text_encoder_2 on SDXL)."""
+    return tuple(c for c in COMPONENTS if getattr(model, c, None) is not None)
 
 
 def resolve_module(model, layer: str) -> tuple[torch.nn.Module, str]:
@@ -31,16 +42,16 @@ def resolve_module(model, layer: str) -> tuple[torch.nn.Module, str]:
     prefix is added or removed to fit the loaded transformers version (as diffusers does)."""
     comp, path = layer.split(".", 1)
     root = component(model, comp)
-    if comp == "text_encoder" and not hasattr(root, "text_model"):
+    if comp != "unet" and not hasattr(root, "text_model"):
         path = path.removeprefix(TE_PREFIX)
-    elif comp == "text_encoder" and not path.startswith(TE_PREFIX):
+    elif comp != "unet" and not path.startswith(TE_PREFIX):
         path = TE_PREFIX + path
     return root, path
 
 
 def layer_key(model, comp: str, path: str) -> str:
     """The in-memory key of a model layer (text-encoder paths always with text_model.)."""
-    if comp == "text_encoder" and not path.startswith(TE_PREFIX):
+    if comp != "unet" and not path.startswith(TE_PREFIX):
         path = TE_PREFIX + path
     return f"{comp}.{path}"
 
@@ -61,7 +72,7 @@ def inject(model, targets: list[Target], rank: int, alpha: float, name: str, *, 
     from peft import LoraConfig, inject_adapter_in_model
 
     ranks, alphas = ranks or {}, alphas or {}
-    for comp in ("unet", "text_encoder"):
+    for comp in COMPONENTS:
         mine = [t for t in targets if t.component == comp]
         if not mine:
             continue
@@ -138,8 +149,10 @@ def load_into(model, w: LoraWeights, name: str) -> None:
 
 def extract(model, name: str) -> LoraWeights:
     """The factors of adapter `name` as LoraWeights (detached copies on the CPU, float32)."""
-    out = LoraWeights({})
-    for comp in ("unet", "text_encoder"):
+    from sdknobs.lora.keys import UnetLayout, model_architecture
+
+    out = LoraWeights({}, architecture=model_architecture(model).name, unet_layout=UnetLayout.of(model.unet.config))
+    for comp in model_components(model):
         for path, mod in lora_layers(component(model, comp)):
             if name in mod.lora_A:
                 out.layers[layer_key(model, comp, path)] = LoraFactors(
@@ -150,8 +163,8 @@ def extract(model, name: str) -> LoraWeights:
     return out
 
 
-def set_active(model, names: list[str], *, components=("unet", "text_encoder"), trainable: bool = False) -> None:
-    for comp in components:
+def set_active(model, names: list[str], *, components=COMPONENTS, trainable: bool = False) -> None:
+    for comp in (c for c in components if getattr(model, c, None) is not None):
         for _, mod in lora_layers(component(model, comp)):
             mod.set_adapter(list(names), inference_mode=not trainable)
 
@@ -160,7 +173,7 @@ def remove(model, name: str) -> None:
     """Delete adapter `name`; once no adapter is left, put the plain layers back."""
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
 
-    for comp in ("unet", "text_encoder"):
+    for comp in model_components(model):
         root = component(model, comp)
         for _, mod in lora_layers(root):
             if name in mod.lora_A:
@@ -188,12 +201,12 @@ class LoraSet:
     def add(self, spec: LoraSpec | str, weights: LoraWeights | None = None) -> str:
         spec = parse_spec(spec)
         w = weights if weights is not None else read_lora(spec.path, model=self.model)
-        if spec.window is not None and any(k.startswith("text_encoder.") for k in w.layers):
+        if spec.window is not None and any(k.startswith("text_encoder") for k in w.layers):
             raise SdknobsError(f"--lora {spec}: the file has text-encoder layers, and a window can only switch "
                                f"U-Net layers (the prompt is encoded once per run); drop the window")
         name = _adapter_name(spec.path, self.entries)
         load_into(self.model, w, name)
-        for comp in ("unet", "text_encoder"):
+        for comp in model_components(self.model):
             for _, mod in lora_layers(component(self.model, comp)):
                 mod.set_scale(name, spec.weight)  # s = w * alpha / r
         self.entries[name] = Applied(name, spec)

@@ -46,8 +46,15 @@ def combine(loras: list[tuple[LoraWeights, float]], method: str = "concat", rank
         raise SdknobsError(f"--rank must be >= 1 for --method svd, got {rank}")
     if not loras:
         raise SdknobsError("merge: no LoRA files given")
+    from sdknobs.lora.files import architecture_of
+
+    archs = {architecture_of(w): w for w, _ in loras}
+    if len(archs) > 1:
+        (a1, w1), (a2, w2) = list(archs.items())[:2]
+        raise SdknobsError(f"merge: {w1.path or 'a LoRA'} is for {a1} but {w2.path or 'another'} for {a2}; LoRAs of "
+                           f"different architectures cannot be combined")
     layers = list(dict.fromkeys(k for w, _ in loras for k in w.layers))
-    out, errors = LoraWeights({}), {}
+    out, errors = LoraWeights({}, architecture=next(iter(archs)), unet_layout=loras[0][0].unet_layout), {}
     for layer in layers:
         parts = [(w.layers[layer], wt) for w, wt in loras if layer in w.layers]
         shapes = {tuple(f.down.shape[1:]) for f, _ in parts} | {(f.up.shape[0], *f.up.shape[2:]) for f, _ in parts}

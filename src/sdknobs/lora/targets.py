@@ -10,7 +10,10 @@ Presets (regexes searched in module names of the U-Net, or of the text encoder f
     attn-ff       attn + feed-forward (ff.net.0.proj, ff.net.2) + proj_in/proj_out
     conv          ResNet convolutions only (conv1, conv2, conv_shortcut)
     text-encoder  CLIP self-attention q/k/v/out projections (combine with a U-Net preset)
-Anything else is a regex: `REGEX` or `unet:REGEX` for the U-Net, `te:REGEX` for the text encoder.
+    text-encoder-2  the same on SDXL's second text encoder (OpenCLIP bigG)
+Anything else is a regex: `REGEX` or `unet:REGEX` for the U-Net, `te:REGEX` for the text encoder, `te2:REGEX` for
+SDXL's second one. On SDXL the U-Net presets resolve on its own layers (attentions with several transformer
+blocks, none in the first down block).
 """
 from __future__ import annotations
 
@@ -28,13 +31,15 @@ PRESETS: dict[str, tuple[str, str]] = {
     "attn-ff": ("unet", rf"({_QKVO.format('[12]')}|\.ff\.net\.(0\.proj|2)$|attentions\.\d+\.(proj_in|proj_out)$)"),
     "conv": ("unet", r"resnets\.\d+\.(conv1|conv2|conv_shortcut)$"),
     "text-encoder": ("text_encoder", r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$"),
+    "text-encoder-2": ("text_encoder_2", r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$"),
 }
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_ENCODER_CHOICES = ("both", "1", "2")  # which encoders --text-encoder adds on a two-encoder model
 
 
 @dataclass(frozen=True)
 class Target:
-    component: str  # "unet" or "text_encoder"
+    component: str  # "unet", "text_encoder" or "text_encoder_2"
     name: str  # module path inside the component, e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q
     kind: str  # "linear" or "conv"
     in_features: int
@@ -78,7 +83,9 @@ def target_of(component: str, name: str, layer: torch.nn.Module) -> Target:
 
 
 def _component(model, component: str) -> torch.nn.Module:
-    return model.unet if component == "unet" else model.text_encoder
+    from sdknobs.lora.layers import component as get
+
+    return get(model, component)
 
 
 def parse_target(item: str) -> tuple[str, str, str]:
@@ -86,7 +93,7 @@ def parse_target(item: str) -> tuple[str, str, str]:
     if item in PRESETS:
         return (item, *PRESETS[item])
     component, regex = "unet", item
-    for prefix, comp in (("te:", "text_encoder"), ("unet:", "unet")):
+    for prefix, comp in (("te:", "text_encoder"), ("te2:", "text_encoder_2"), ("unet:", "unet")):
         if item.startswith(prefix):
             component, regex = comp, item[len(prefix):]
     try:
@@ -96,13 +103,29 @@ def parse_target(item: str) -> tuple[str, str, str]:
     return item, component, regex
 
 
-def resolve_targets(model, targets: list[str] | str = ("cross-attn",), text_encoder: bool = False) -> list[Target]:
+def text_encoder_presets(model, which: str = "both") -> list[str]:
+    """The text-encoder presets `--text-encoder` adds: the one encoder of SD1.x/SD2.x; on SDXL `which` = both
+    (kohya's default), 1 (CLIP-L) or 2 (OpenCLIP bigG)."""
+    if which not in TEXT_ENCODER_CHOICES:
+        raise SdknobsError(f"--text-encoders {which!r} is not known; choose one of {', '.join(TEXT_ENCODER_CHOICES)}")
+    if getattr(model, "text_encoder_2", None) is None:
+        if which == "2":
+            raise SdknobsError(f"--text-encoders 2: the model (family {model.family}) has one text encoder; "
+                               f"only SDXL has a second")
+        return ["text-encoder"]
+    return {"both": ["text-encoder", "text-encoder-2"], "1": ["text-encoder"], "2": ["text-encoder-2"]}[which]
+
+
+def resolve_targets(model, targets: list[str] | str = ("cross-attn",), text_encoder: bool | str = False) -> list[Target]:
     """The layers that `targets` (presets / regexes) select, in model order, without duplicates.
+    text_encoder: False, True (every encoder) or one of TEXT_ENCODER_CHOICES.
 
     A preset or regex that matches no layer is an error naming it."""
     items = [targets] if isinstance(targets, str) else list(targets)
-    if text_encoder and "text-encoder" not in items:
-        items.append("text-encoder")
+    if text_encoder:
+        for p in text_encoder_presets(model, "both" if text_encoder is True else text_encoder):
+            if p not in items:
+                items.append(p)
     if not items:
         raise SdknobsError("--targets is empty; give a preset (" + ", ".join(PRESETS) + ") or a regex")
     found: dict[str, Target] = {}
