@@ -123,6 +123,7 @@ def denoise(
     callback: Callable[[dict], None] | None = None,
     progress: bool = True,
     before_step: Callable[[int, torch.Tensor, int], None] | None = None,
+    added_cond: tuple[dict | None, dict | None] | None = None,
 ) -> tuple[torch.Tensor, StartInfo]:
     """Run the sampler and return the final latent (in U-Net space) and where it started.
 
@@ -135,6 +136,8 @@ def denoise(
     callback: called after every step with {"i", "t", "x", "steps"}.
     before_step: called as before_step(i, t, steps) before each U-Net call, i counted in the full schedule
       (LoRA timestep windows switch adapters here).
+    added_cond: (uncond's, cond's) extra U-Net inputs `added_cond_kwargs` (SDXL: {"text_embeds", "time_ids"}, from
+      `Family.added_cond`), batched like cond/uncond; None for families whose U-Net takes none.
     """
     device, dtype = cond.device, cond.dtype
     timesteps, info = prepare_timesteps(scheduler, steps, strength, device)
@@ -150,6 +153,10 @@ def denoise(
     else:
         x = scheduler.add_noise(x0, eps, timesteps[:1].repeat(shape[0]))  # x_t = sqrt(abar) x0 + sqrt(1-abar) eps
     context = cond if uncond is None else torch.cat([uncond, cond])
+    unet_kwargs = {}
+    if added_cond is not None and added_cond[1] is not None:
+        a_u, a_c = added_cond
+        unet_kwargs["added_cond_kwargs"] = a_c if uncond is None else {k: torch.cat([a_u[k], a_c[k]]) for k in a_c}
     # DDIM takes eta (0: deterministic); ancestral samplers take the generator for their fresh noise.
     extra = {}
     if "generator" in scheduler.step.__code__.co_varnames:
@@ -159,7 +166,7 @@ def denoise(
             before_step(info.index + i, t, steps)
         xin = x if uncond is None else torch.cat([x, x])
         xin = scheduler.scale_model_input(xin, t)
-        pred = unet(xin, t, encoder_hidden_states=context, return_dict=False)[0]
+        pred = unet(xin, t, encoder_hidden_states=context, return_dict=False, **unet_kwargs)[0]
         if uncond is not None:
             pred_u, pred_c = pred.chunk(2)
             pred = pred_u + guidance * (pred_c - pred_u)

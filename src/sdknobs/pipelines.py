@@ -72,12 +72,46 @@ def check_memory(model, width: int, height: int, batch: int, cfg: bool = True) -
                            f"or --batch")
 
 
-def _params(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, width, height, batch, **more):
+def _size_conditioning(model, width, height, original_size=None, crop_top_left=None, target_size=None) -> dict:
+    """SDXL's size/crop conditioning (the U-Net's time ids), checked: {} for families without it (where giving any
+    is an error naming the flag); else original_size/target_size as (W, H) (default: the output size) and
+    crop_top_left as (X, Y) (default 0 0), as diffusers' and A1111's defaults."""
+    given = {"--original-size": original_size, "--crop-top-left": crop_top_left, "--target-size": target_size}
+    if not model.spec.size_conditioning:
+        flag = next((f for f, v in given.items() if v), None)
+        if flag:
+            raise SdknobsError(f"{flag} is SDXL's size conditioning; the {model.family} model {model.source!r} takes none")
+        return {}
+    out = {}
+    for (flag, v), least in zip(given.items(), (1, 0, 1)):
+        name = flag[2:].replace("-", "_")
+        if not v:
+            out[name] = (width, height) if least else (0, 0)
+            continue
+        v = tuple(v)
+        if len(v) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < least for x in v):
+            raise SdknobsError(f"{flag} takes two whole numbers >= {least} ({'X Y' if not least else 'W H'}), got "
+                               f"{' '.join(map(str, v))}")
+        out[name] = v
+    return out
+
+
+def _size_params(size: dict) -> dict:
+    """The PNG parameters of SDXL's size conditioning (read back by `prompt.png_settings`)."""
+    if not size:
+        return {}
+    return {"Original size": "{}x{}".format(*size["original_size"]), "Crop top left": "{}x{}".format(*size["crop_top_left"]),
+            "Target size": "{}x{}".format(*size["target_size"])}
+
+
+def _params(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, width, height, batch, size=None,
+            **more):
     return [
         im.a1111_parameters(
             prompt, negative_prompt or "", Steps=steps, Sampler=SCHEDULERS[scheduler][2], **{"CFG scale": guidance},
             Seed=seed + i, Size=f"{width}x{height}", Model=model.source or model.family,
-            **{"Batch size": batch if batch > 1 else None, "Batch pos": i if batch > 1 else None}, **more,
+            **{"Batch size": batch if batch > 1 else None, "Batch pos": i if batch > 1 else None},
+            **_size_params(size or {}), **more,
             **_lora_params(model), **_ti_params(model),
         )
         for i in range(batch)
@@ -177,10 +211,14 @@ def decode(model, latents: torch.Tensor) -> list[Image.Image]:
 
 @torch.inference_mode()
 def _run(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, width, height, batch,
-         image=None, strength=1.0, mask=None, callback=None, progress=True):
-    """Prepare text, starting latent and mask; run the loop; return latents and start info."""
+         image=None, strength=1.0, mask=None, callback=None, progress=True, size=None):
+    """Prepare text, starting latent and mask; run the loop; return latents and start info.
+    size: SDXL's size conditioning (`_size_conditioning`); None = its defaults for this output size."""
     sched = make_scheduler(scheduler, model.scheduler_config)
+    size = _size_conditioning(model, width, height) if size is None else size
     emb = encode_prompt(model, prompt, negative_prompt, guidance, batch)
+    added = (model.spec.added_cond(emb.uncond_pooled, width, height, **size) if emb.uncond is not None else None,
+             model.spec.added_cond(emb.cond_pooled, width, height, **size))  # (None, None) for SD1/SD2
     f = model.vae_scale_factor
     shape = (emb.cond.shape[0], model.unet.config.in_channels, height // f, width // f)
     if seed + shape[0] - 1 > SEED_MAX:
@@ -199,9 +237,10 @@ def _run(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, wi
     windows = loras.before_step if loras is not None and loras.has_windows else None
     try:
         latents, info = denoise(
-            sampling_unet(model), sched, emb.cond, emb.uncond, steps=steps, guidance=guidance, shape=shape,
+            sampling_unet(model) if added[1] is None else model.unet,  # the frozen U-Net takes no added_cond_kwargs
+            sched, emb.cond, emb.uncond, steps=steps, guidance=guidance, shape=shape,
             generator=generator, x0=x0, strength=strength if image is not None else 1.0, mask=lat_mask,
-            callback=callback, progress=progress, before_step=windows,
+            callback=callback, progress=progress, before_step=windows, added_cond=added,
         )
     finally:
         if windows is not None:
@@ -213,14 +252,18 @@ def _run(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, wi
 @_with_embeddings
 @_with_lora
 def generate(model, prompt, *, negative_prompt="", steps=None, guidance=None, scheduler=None, seed=0,
-             width=None, height=None, batch=1, callback=None, progress=True) -> Result:
+             width=None, height=None, batch=1, callback=None, progress=True, original_size=None, crop_top_left=None,
+             target_size=None) -> Result:
     """txt2img: the loop at strength 1 from pure noise. steps, guidance, scheduler: None = the model's
-    (`Model.sampling_defaults`: its sdknobs.json, else its family's usual values)."""
+    (`Model.sampling_defaults`: its sdknobs.json, else its family's usual values).
+    original_size, target_size (W, H), crop_top_left (X, Y): SDXL's size conditioning; None = the output size, 0 0."""
     steps, guidance, scheduler = _sampling(model, steps, guidance, scheduler)
     seed = resolve_seed(seed)
     width, height = width or model.default_size, height or model.default_size
     _check_common(model, steps, guidance, batch, width, height)
-    kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, width=width, height=height, batch=batch)
+    size = _size_conditioning(model, width, height, original_size, crop_top_left, target_size)
+    kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, width=width, height=height, batch=batch,
+              size=size)
     latents, info = _run(model, prompt, negative_prompt, callback=callback, progress=progress, **kw)
     with torch.inference_mode():
         pics = decode(model, latents)
@@ -248,15 +291,18 @@ def _prepare_image(model, image, width, height, what="--image"):
 @_with_embeddings
 @_with_lora
 def img2img(model, image, prompt, *, strength=0.75, negative_prompt="", steps=None, guidance=None,
-            scheduler=None, seed=0, width=None, height=None, batch=1, callback=None, progress=True) -> Result:
+            scheduler=None, seed=0, width=None, height=None, batch=1, callback=None, progress=True,
+            original_size=None, crop_top_left=None, target_size=None) -> Result:
     """img2img: start from the image's latent noised to the start timestep that `strength` picks.
-    steps, guidance, scheduler: None = the model's."""
+    steps, guidance, scheduler: None = the model's. original_size, crop_top_left, target_size: as `generate`."""
     steps, guidance, scheduler = _sampling(model, steps, guidance, scheduler)
     seed = resolve_seed(seed)
     image, width, height = _prepare_image(model, image, width, height)
     _check_common(model, steps, guidance, batch, width, height)
     i0 = start_index(steps, strength)  # validates strength
-    kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, width=width, height=height, batch=batch)
+    size = _size_conditioning(model, width, height, original_size, crop_top_left, target_size)
+    kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, width=width, height=height, batch=batch,
+              size=size)
     params = _params(model, prompt, negative_prompt, **kw, **{"Denoising strength": strength})
     if i0 == steps:  # strength 0 (or too small to run one step): the input, untouched
         return Result([image.copy() for _ in range(batch)], params, StartInfo(steps, 0, 0.0, 1.0))
@@ -272,7 +318,8 @@ def img2img(model, image, prompt, *, strength=0.75, negative_prompt="", steps=No
 @_with_lora
 def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=None, only_masked=False, padding=32,
             resize_mask=False, negative_prompt="", steps=None, guidance=None, scheduler=None, seed=0,
-            width=None, height=None, batch=1, callback=None, progress=True) -> Result:
+            width=None, height=None, batch=1, callback=None, progress=True, original_size=None, crop_top_left=None,
+            target_size=None) -> Result:
     """Inpainting: repaint where the mask is white; keep the rest on the original's noise path.
 
     only_masked: inpaint the mask's bounding box (+padding) at full model resolution, then paste back.
@@ -298,7 +345,10 @@ def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=None, only_ma
     if only_masked and padding < 0:
         raise SdknobsError(f"--padding must be >= 0, got {padding}")
     start_index(steps, strength)  # validates strength
-    kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, width=width, height=height, batch=batch)
+    sizes = dict(original_size=original_size, crop_top_left=crop_top_left, target_size=target_size)
+    size = _size_conditioning(model, width, height, **sizes)
+    kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, width=width, height=height, batch=batch,
+              size=size)
     params = _params(model, prompt, negative_prompt, **kw, **{"Denoising strength": strength, "Mask blur": mask_blur})
     if im.mask_array(mask).max() < 0.5 or strength == 0:  # nothing to repaint
         _check_common(model, steps, guidance, batch, width, height)
@@ -308,7 +358,8 @@ def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=None, only_ma
         crop, crop_mask = image.crop(box), mask.crop(box)
         sub = inpaint(model, crop.resize((width, height), Image.LANCZOS), crop_mask.resize((width, height), Image.NEAREST),
                       prompt, strength=strength, mask_blur=0, negative_prompt=negative_prompt, steps=steps,
-                      guidance=guidance, scheduler=scheduler, seed=seed, batch=batch, callback=callback, progress=progress)
+                      guidance=guidance, scheduler=scheduler, seed=seed, batch=batch, callback=callback, progress=progress,
+                      **sizes)
         pasted = []
         for raw in sub.extra["raw"]:
             canvas = image.copy()

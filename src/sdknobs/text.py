@@ -13,7 +13,15 @@ Training (`embed_text`) keeps the one 77-token window, as captions are plain tex
 Textual-inversion pseudo-tokens expand here: a token learned with N vectors lives in the vocabulary
 as N added tokens `<t>`, `<t>_1`, ..., `<t>_{N-1}` (diffusers' convention), and a prompt that says
 `<t>` is rewritten to `<t> <t>_1 ... <t>_{N-1}` before tokenizing, so each vector takes one slot of
-the window (and the N slots stay in one chunk)."""
+the window (and the N slots stay in one chunk).
+
+Two text encoders (SDXL): each encoder gets its own tokenizer's windows (the same chunks: both use CLIP's BPE; the
+second pads with "!"), its own weighting and mean restoration (A1111 weights each of SDXL's embedders alike), and
+the hidden states its family names (`Family.hidden_layer`: SDXL's penultimate); they are concatenated along the
+width ([B, 77 * chunks, 768 + 1280]). The pooled output (`PromptEmbeds.cond_pooled`) is the projected one of the
+second encoder on each prompt's first chunk, unweighted, as in A1111 and diffusers. An empty negative prompt is a
+zero embedding and zero pooled output where the model says `force_zeros_for_empty_prompt` (diffusers' SDXL
+default; A1111 zeroes an all-empty negative prompt for SDXL too)."""
 from __future__ import annotations
 
 import logging
@@ -32,6 +40,8 @@ class PromptEmbeds:
     cond: torch.Tensor  # [batch, 77 * chunks, text_width]
     uncond: torch.Tensor | None  # same shape, or None when guidance 1.0 skips the unconditional pass
     truncated: list[str]  # words dropped, per prompt: always "" now that long prompts are chunked
+    cond_pooled: torch.Tensor | None = None  # [batch, projection] for families with a pooled output (SDXL), else None
+    uncond_pooled: torch.Tensor | None = None
 
 
 def pseudo_tokens(tokenizer) -> dict[str, list[str]]:
@@ -72,16 +82,31 @@ def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
     return ids, dropped
 
 
-def embed_text(model, prompts: list[str], *, warn: bool = True) -> tuple[torch.Tensor, list[str]]:
-    """Text-encoder hidden states [B, 77, D] for prompts, with autograd (training needs gradients to
-    reach the token-embedding rows; sampling calls `encode_text`, which does not record them)."""
-    ids, dropped = tokenize(model.tokenizer, prompts)
+def embed_text_pooled(model, prompts: list[str], *, warn: bool = True):
+    """(hidden states [B, 77, D], pooled output [B, P] or None, dropped text) for prompts in one window each, with
+    autograd. D is the sum of the encoders' widths (SDXL concatenates both encoders' penultimate states); the
+    pooled output is that of the encoder the family names (`Family.pooled_from`), None for SD1/SD2."""
+    spec = model.spec
+    hidden, pooled, dropped = [], None, []
+    for i, (tok, enc) in enumerate(zip(model.tokenizers, model.text_encoders)):
+        ids, d = tokenize(tok, prompts)
+        dropped = dropped or d
+        h, p = spec.run_encoder(enc, ids.to(enc.device))
+        hidden.append(h)
+        if i == spec.pooled_from:
+            pooled = p
     if warn:
         for p, d in zip(prompts, dropped):
             if d:
                 log.warning("prompt is longer than the %d-token window; dropped: %r (from %r)",
                             model.tokenizer.model_max_length, d, p)
-    emb = model.text_encoder(ids.to(model.text_encoder.device))[0]
+    return (hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)), pooled, dropped
+
+
+def embed_text(model, prompts: list[str], *, warn: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """Text-encoder hidden states [B, 77, D] for prompts, with autograd (training needs gradients to
+    reach the token-embedding rows; sampling calls `encode_text`, which does not record them)."""
+    emb, _, dropped = embed_text_pooled(model, prompts, warn=warn)
     return emb, dropped
 
 
@@ -152,14 +177,34 @@ def _window(tokenizer, ids: list[int], weights: list[float]) -> tuple[list[int],
 @torch.no_grad()
 def encode_chunked(model, prompts: list[str], chunks: int = 0, parsed: dict | None = None) -> torch.Tensor:
     """Hidden states [B, 77 * n, D] of prompts in A1111's chunks, n = max(chunks, the longest prompt's).
-    parsed: {prompt: prompt_chunks(...)} already computed."""
-    tok = model.tokenizer
-    parsed = parsed or {}
-    per = [parsed[p] if p in parsed else prompt_chunks(tok, p) for p in prompts]
-    n = max([chunks, *map(len, per)])
+    parsed: {prompt: prompt_chunks(...)} already computed (for the first tokenizer)."""
+    return encode_chunked_pooled(model, prompts, chunks, parsed)[0]
+
+
+@torch.no_grad()
+def encode_chunked_pooled(model, prompts: list[str], chunks: int = 0, parsed: dict | None = None):
+    """(hidden states [B, 77 * n, D], pooled [B, P] or None): each encoder on its own tokenizer's chunks, weighted
+    by A1111's rule, concatenated along the width; the pooled output from each prompt's first chunk."""
+    spec = model.spec
+    hidden, pooled = [], None
+    for i, (tok, enc) in enumerate(zip(model.tokenizers, model.text_encoders)):
+        given = (parsed or {}) if i == 0 else {}
+        per = [given[p] if p in given else prompt_chunks(tok, p) for p in prompts]
+        n = max([chunks, *map(len, per)])
+        z, p = _encode_windows(spec, tok, enc, prompts, per, n)
+        hidden.append(z)
+        if i == spec.pooled_from:
+            pooled = p
+    z = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)
+    return z.to(model.dtype), None if pooled is None else pooled.to(model.dtype)
+
+
+def _encode_windows(spec, tok, encoder, prompts, per, n):
     rows = [_window(tok, *c) for p in per for c in p + [([], [])] * (n - len(p))]  # pad: the empty prompt
-    ids = torch.tensor([r[0] for r in rows], device=model.text_encoder.device)
-    z = model.text_encoder(ids)[0]
+    ids = torch.tensor([r[0] for r in rows], device=encoder.device)
+    z, pooled = spec.run_encoder(encoder, ids)
+    if pooled is not None:
+        pooled = pooled.reshape(len(prompts), n, -1)[:, 0]  # A1111: the first chunk's
     w = torch.tensor([r[1] for r in rows], dtype=torch.float64, device=z.device)
     weighted = (w != 1).any(dim=1)
     if weighted.any():  # in float64: a chunk's mean is small next to its values, so the ratio amplifies rounding
@@ -173,7 +218,7 @@ def encode_chunked(model, prompts: list[str], chunks: int = 0, parsed: dict | No
                                f"rescaled; change the weights (e.g. no weight of 0 on most words)")
         z = z.clone()
         z[weighted] = zw.to(z.dtype)
-    return z.reshape(len(prompts), n * z.shape[1], z.shape[2]).to(model.dtype)
+    return z.reshape(len(prompts), n * z.shape[1], z.shape[2]), pooled
 
 
 def warn_unknown_tokens(tokenizer, prompts) -> None:
@@ -200,8 +245,16 @@ def encode_prompt(model, prompt: str | list[str], negative_prompt: str | list[st
         if len(negs) != len(prompts):
             raise SdknobsError(f"negative_prompt: {len(negs) // batch} given for {len(prompts) // batch} prompts")
     warn_unknown_tokens(model.tokenizer, set(prompts) | set(negs))
-    parsed = {p: prompt_chunks(model.tokenizer, p) for p in set(prompts) | set(negs)}
+    zero_neg = bool(negs) and all(n == "" for n in negs) and model.extra.get(
+        "force_zeros_for_empty_prompt", model.spec.force_zeros_for_empty_prompt)
+    texts = set(prompts) | (set() if zero_neg else set(negs))
+    parsed = {p: prompt_chunks(model.tokenizer, p) for p in texts}
     n = max(map(len, parsed.values()))
-    cond = encode_chunked(model, prompts, n, parsed)
-    uncond = encode_chunked(model, negs, n, parsed) if negs else None
-    return PromptEmbeds(cond, uncond, [""] * len(prompts))
+    cond, cond_pooled = encode_chunked_pooled(model, prompts, n, parsed)
+    uncond = uncond_pooled = None
+    if zero_neg:  # diffusers' force_zeros_for_empty_prompt, A1111's zeroed all-empty SDXL negative prompt
+        uncond = torch.zeros_like(cond)
+        uncond_pooled = None if cond_pooled is None else torch.zeros_like(cond_pooled)
+    elif negs:
+        uncond, uncond_pooled = encode_chunked_pooled(model, negs, n, parsed)
+    return PromptEmbeds(cond, uncond, [""] * len(prompts), cond_pooled, uncond_pooled)
