@@ -50,7 +50,7 @@ def _model(cfg):
     from sdknobs.model import load_model
 
     m = load_model(cfg.model, device=cfg.device or None, dtype=cfg.dtype or None, config=cfg.model_config or None,
-                   jit=getattr(cfg, "jit", False))
+                   jit=getattr(cfg, "jit", False), prediction_type=getattr(cfg, "prediction_type", "") or None)
     if getattr(cfg, "embedding", None):
         from sdknobs.ti import load_embedding_arg
 
@@ -132,6 +132,12 @@ def cmd_sweep_strength(cfg):
     print(cfg.out)
 
 
+def cmd_grid(cfg):
+    from sdknobs.grid import run_command
+
+    run_command(cfg)
+
+
 def cmd_png_info(args):
     from sdknobs.prompt import read_parameters
 
@@ -160,17 +166,25 @@ def _from_png(args: argparse.Namespace, argv: list[str]) -> None:
 def cmd_info(args):
     from sdknobs.model import load_model
 
-    m = load_model(args.model, device=args.device or None, dtype=args.dtype or None, config=args.model_config or None)
+    m = load_model(args.model, device=args.device or None, dtype=args.dtype or None, config=args.model_config or None,
+                   prediction_type=args.prediction_type or None)
     attn = [n for n, mod in m.unet.named_modules() if n.endswith((".attn1", ".attn2"))]
     cross = [n for n in attn if n.endswith(".attn2")]
     print(f"model:            {m.source}")
     print(f"family:           {m.family}")
-    print(f"prediction type:  {m.prediction_type}")
+    why = m.extra.get("prediction_type_source")
+    print(f"prediction type:  {m.prediction_type}" + (f" ({why})" if why else ""))
     print(f"default size:     {m.default_size}x{m.default_size} px (latent {m.unet.config.sample_size}x"
           f"{m.unet.config.sample_size}x{m.unet.config.in_channels}, VAE factor {m.vae_scale_factor}, "
           f"scaling factor {m.latent_scale:.5f})")
-    print(f"text encoder:     width {m.text_width}, {m.text_encoder.config.num_hidden_layers} layers, "
-          f"vocabulary {len(m.tokenizer)}, window {m.tokenizer.model_max_length}")
+    for name, tok, enc in zip(m.text_encoder_names, m.tokenizers, m.text_encoders):
+        proj = getattr(enc.config, "projection_dim", None) if hasattr(enc, "text_projection") else None
+        print(f"{name.replace('_', ' ') + ':':<17} width {enc.config.hidden_size}, {enc.config.num_hidden_layers} layers, "
+              f"vocabulary {len(tok)}, window {tok.model_max_length}" + (f", pooled projection {proj}" if proj else ""))
+    if m.spec.two_encoders:
+        layer = "penultimate" if m.spec.hidden_layer == -2 else "last"
+        print(f"text conditioning: {layer} hidden states concatenated ({' + '.join(map(str, m.text_widths))} = "
+              f"{m.context_width}), pooled output of {m.text_encoder_names[m.spec.pooled_from]}, size/crop time ids")
     for name, mod in m.components().items():
         print(f"{name + ':':<17} {sum(p.numel() for p in mod.parameters()):,} parameters")
     print(f"attention layers: {len(attn)} ({len(attn) - len(cross)} self, {len(cross)} cross)")
@@ -198,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         add_config_args(sp, cls)
         sp.set_defaults(func=fn, config=cls, parser=sp)
+    from sdknobs.grid import GridConfig
+
+    help = "A1111's X/Y/Z plot: a sheet of pictures, one setting across (--x), one down (--y), one sheet per --z value"
+    sp = sub.add_parser("grid", help=help, description=help)
+    add_config_args(sp, GridConfig)
+    sp.set_defaults(func=cmd_grid, config=GridConfig, parser=sp)
     sp = sub.add_parser("png-info", help="print the parameters a PNG was made with (A1111's PNG Info); "
                                          "--from-png FILE re-renders them", description="print a PNG's parameters")
     sp.add_argument("file", metavar="FILE", help="a PNG written by sdknobs or AUTOMATIC1111")
@@ -206,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", default="shapes", help="a diffusers folder, a single-file checkpoint, or an embedded name")
     sp.add_argument("--model-config", default="", help="for a single-file checkpoint of another architecture: a "
                                                           "diffusers folder with its configs")
-    sp.add_argument("--device", default="")
-    sp.add_argument("--dtype", default="")
+    sp.add_argument("--prediction-type", default="", choices=["", "epsilon", "v_prediction"],
+                    help="epsilon or v_prediction, over the model's or the single file's guess (default: theirs)")
+    sp.add_argument("--device", default="", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    sp.add_argument("--dtype", default="", help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
     sp.set_defaults(func=cmd_info, config=None)
     from sdknobs.shapes import bench, pretrain
 
@@ -216,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.build_parser(sp)
     sp.set_defaults(func=cmd_pretrain, config=pretrain.PretrainConfig)
     bench.register_cli(sub)
+    from sdknobs.shapes import datasets
+
+    datasets.register_cli(sub)
     from sdknobs.ti import cli as ti_cli
 
     ti_cli.register_cli(sub)
