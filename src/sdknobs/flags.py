@@ -47,8 +47,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
             kw["default"] = default
         elif isinstance(default, list) and meta.get("repeatable"):  # --flag A --flag B (or --flag A B) -> [A, B]
             kw.update(action="extend", nargs="+", type=meta.get("type", str), default=default)
-        elif isinstance(default, list):
-            kw.update(nargs="+", type=meta.get("type", str), default=default)
+        elif isinstance(default, list):  # nargs/metavar from metadata: e.g. --original-size W H
+            kw.update(nargs=meta.get("nargs", "+"), type=meta.get("type", str), default=default)
+            if "metavar" in meta:
+                kw["metavar"] = meta["metavar"]
         else:  # None = unset: the model's or the picture's default, resolved by the pipeline
             kw.update(type=meta.get("type", type(default)) if default is None else type(default), default=default)
         if meta.get("required"):
