@@ -53,6 +53,8 @@ class SampleConfig:
                                    "--prompt")
     model: str = _f("shapes", "a diffusers folder, a single-file .safetensors checkpoint, or an embedded name (shapes)")
     model_config: str = _f("", "for a single-file checkpoint of another architecture: a diffusers folder with its configs")
+    prediction_type: str = _f("", "epsilon or v_prediction, over the model's (a single file's is guessed: metadata, "
+                                  "training step, weights; a 768 px SD2.x is v_prediction)")
     seed: int = _f(0, "random seed; the same seed and settings give the same picture; -1 draws one (recorded in the PNG)")
     steps: int | None = _f(None, "number of sampler steps (img2img runs int(steps * strength) of them)", type=int,
                            shown=MODEL_DEFAULT.format("30 for shapes and SD1.x/SD2.x"))
@@ -83,6 +85,12 @@ class SampleConfig:
                           "of --lora (default: $XDG_DATA_HOME/sdknobs/loras, else ~/.local/share/sdknobs/loras)")
     embedding_dir: str = _f("", "folder of embedding files for <embedding:NAME> in prompts, NAME = the file name "
                                "without its suffix (default: $XDG_DATA_HOME/sdknobs/embeddings)")
+    original_size: list = _f([], "SDXL size conditioning: the original picture size W H the model is told (A1111's and "
+                                 "diffusers' default: the output size)", type=int, nargs=2, metavar=("W", "H"))
+    crop_top_left: list = _f([], "SDXL size conditioning: the crop's top-left corner X Y (default: 0 0, uncropped)",
+                             type=int, nargs=2, metavar=("X", "Y"))
+    target_size: list = _f([], "SDXL size conditioning: the target size W H (default: the output size)", type=int,
+                           nargs=2, metavar=("W", "H"))
 
     def __post_init__(self):
         check_numbers(self)
@@ -90,6 +98,11 @@ class SampleConfig:
 
         check_seed(self.seed)
         resolve_device_dtype(self.device or None, self.dtype or None)
+        from sdknobs.model import PREDICTION_TYPES
+
+        if self.prediction_type and self.prediction_type not in PREDICTION_TYPES:
+            raise SdknobsError(f"--prediction-type {self.prediction_type!r} is not known; choose one of "
+                               f"{', '.join(PREDICTION_TYPES)}")
         if self.steps is not None and self.steps < 1:
             raise SdknobsError(f"--steps must be >= 1, got {self.steps}")
         if not 1 <= self.batch <= MAX_BATCH:
@@ -117,7 +130,8 @@ class SampleConfig:
         return dict(negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.guidance,
                     scheduler=self.scheduler, seed=self.seed, width=self.width or None,
                     height=self.height or None, batch=self.batch, lora_dir=self.lora_dir or None,
-                    embedding_dir=self.embedding_dir or None)
+                    embedding_dir=self.embedding_dir or None, original_size=self.original_size or None,
+                    crop_top_left=self.crop_top_left or None, target_size=self.target_size or None)
 
 
 @dataclass

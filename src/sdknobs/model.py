@@ -38,6 +38,7 @@ SAMPLING_DEFAULTS = {
     "sdxl": {"guidance": 5.0, "steps": 30, "scheduler": "euler"},  # diffusers' SDXL guidance; its base ships Euler
 }
 SAMPLING_KEYS = {"guidance": float, "steps": int, "scheduler": str}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Training defaults per family and method, for the flags a run leaves unset (the model folder's sdknobs.json
 # "training" section comes first; a family not listed takes the config dataclass's fallback): the community's
 # usual values, diffusers' train_dreambooth_lora / train_text_to_image_lora (lr 1e-4, batch 1, rank 4, 500
@@ -256,13 +257,17 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
 
 
 def load_model(model: str | Path = "shapes", device: str | None = None, dtype: str | None = None,
-               config: str | Path | None = None, jit: bool = False) -> Model:
+               config: str | Path | None = None, jit: bool = False, prediction_type: str | None = None) -> Model:
     """Load a model from a diffusers folder, a single-file checkpoint, or the embedded name.
 
     config: for a single file, a local diffusers folder whose configs describe its architecture
     (default: detect SD1.x / SD2.x and use the configs shipped in the package).
     jit: sample with a TorchScript-frozen U-Net (`sdknobs.fast`): faster per step on CPU after a
-    one-off trace of a few seconds; worth it for many images in one process."""
+    one-off trace of a few seconds; worth it for many images in one process.
+    prediction_type: "epsilon" or "v_prediction" over what the model says or the loader guesses (a single
+    file's is guessed from its keys, metadata and weights; see `single_file._prediction_type`)."""
+    if prediction_type and prediction_type not in PREDICTION_TYPES:
+        raise SdknobsError(f"--prediction-type {prediction_type!r} is not known; choose one of {', '.join(PREDICTION_TYPES)}")
     dev, dt = resolve_device_dtype(device, dtype)
     name = str(model)
     if config and (name in EMBEDDED or Path(name).expanduser().is_dir()):
@@ -283,7 +288,10 @@ def load_model(model: str | Path = "shapes", device: str | None = None, dtype: s
         else:
             from sdknobs.single_file import load_single_file
 
-            m = load_single_file(path, dtype=dt, config=config)
+            m = load_single_file(path, dtype=dt, config=config, prediction_type=prediction_type or None)
+    if prediction_type and m.prediction_type != prediction_type:
+        m.scheduler_config = {**m.scheduler_config, "prediction_type": prediction_type}
+        m.extra["prediction_type_source"] = "--prediction-type"
     m.source = name
     m.extra["jit"] = bool(jit)
     if m.device != dev:

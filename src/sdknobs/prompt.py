@@ -243,6 +243,12 @@ def png_settings(path: str | Path, what: str = "--from-png") -> dict:
         if not m:
             raise SdknobsError(f"{what} {path}: Size {fields['Size']!r} is not WIDTHxHEIGHT")
         out["width"], out["height"] = int(m[1]), int(m[2])
+    for key in ("Original size", "Crop top left", "Target size"):  # SDXL's size conditioning (pipelines._size_params)
+        if key in fields:
+            m = re.fullmatch(r"(\d+)x(\d+)", fields[key])
+            if not m:
+                raise SdknobsError(f"{what} {path}: {key} {fields[key]!r} is not NxN")
+            out[key.lower().replace(" ", "_")] = [int(m[1]), int(m[2])]
     if fields.get("Lora"):  # our specs of every LoRA applied; those not from the prompt's tags were --lora flags
         from sdknobs.lora.spec import parse_spec
 
