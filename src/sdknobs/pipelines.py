@@ -410,21 +410,10 @@ def batches(pipeline, model, *args, batch_count=1, seed=0, batch=1, **kwargs) ->
 def sweep_strength(model, image, prompt, *, strengths=(0.0, 0.25, 0.5, 0.75, 1.0), seeds=(0, 1), steps=None,
                    scale=4, **kwargs) -> tuple[Image.Image, list[list[StartInfo]]]:
     """A grid: strengths across, seeds down; each cell labelled with strength, start step and abar.
-    steps (and guidance, scheduler in kwargs): None = the model's."""
-    steps = model.sampling(steps=steps)["steps"]
-    cells, labels, infos = [], [], []
-    for seed in seeds:
-        row, lab, inf = [], [], []
-        for s in strengths:
-            r = img2img(model, image, prompt, strength=s, steps=steps, seed=seed, **kwargs)
-            row.append(r.images[0])
-            inf.append(r.start)
-            lab.append(f"s={s:.2f}\nstart {r.start.index}/{steps}\nabar={r.start.alpha_bar:.3f}")
-        cells.append(row)
-        labels.append(lab)
-        infos.append(inf)
-    g = im.grid(cells, labels, scale=scale, row_titles=[f"seed {s}" for s in seeds])
-    return g, infos
+    steps (and guidance, scheduler in kwargs): None = the model's. A case of `sdknobs.grid` (the X/Y/Z plot)."""
+    from sdknobs.grid import sweep_strength as sweep
+
+    return sweep(model, image, prompt, strengths=strengths, seeds=seeds, steps=steps, scale=scale, **kwargs)
 
 
 def strength_table(steps: int, strengths, scheduler="ddim", config=None) -> list[StartInfo]:
