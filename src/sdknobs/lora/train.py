@@ -23,8 +23,8 @@ import torch
 
 from sdknobs.errors import SdknobsError
 from sdknobs.lora.files import FORMATS, LoraWeights, write_lora
-from sdknobs.lora.layers import extract, inject, lora_layers, set_active
-from sdknobs.lora.targets import PRESETS, count_params, resolve_targets
+from sdknobs.lora.layers import component, extract, inject, lora_layers, model_components, set_active
+from sdknobs.lora.targets import PRESETS, TEXT_ENCODER_CHOICES, count_params, resolve_targets
 from sdknobs.training.data import seed_for
 from sdknobs.training.method import Method
 from sdknobs.training.trainer import TrainConfig, _f
@@ -42,6 +42,8 @@ class LoraTrainConfig(TrainConfig):
                            f"('te:REGEX' for the text encoder); repeatable; none given = cross-attn", repeatable=True)
     text_encoder: bool = _f(False, "also train LoRA layers on the text encoder's self-attention (preset text-encoder)")
     text_encoder_lr: float = _f(0.0, "learning rate of the text-encoder layers (0 = --learning-rate)")
+    text_encoders: str = _f("both", f"with --text-encoder on SDXL (two text encoders): {', '.join(TEXT_ENCODER_CHOICES)} "
+                                    f"(1 = CLIP-L, preset text-encoder; 2 = OpenCLIP bigG, preset text-encoder-2)")
     instance_token: str = _f("", "subject mode: the rare identifier placed before --class-word in captions, e.g. sks")
     class_word: str = _f("", "subject mode: the class noun the identifier qualifies, e.g. shape")
     format: str = _f("kohya", f"output layout: {', '.join(FORMATS)} (kohya = A1111/ComfyUI; diffusers = load_lora_weights)")
@@ -55,6 +57,9 @@ class LoraTrainConfig(TrainConfig):
             raise SdknobsError(f"--rank must be >= 1, got {self.rank}")
         if self.alpha < 0:
             raise SdknobsError(f"--alpha must be >= 0 (0 = the rank), got {self.alpha}")
+        if self.text_encoders not in TEXT_ENCODER_CHOICES:
+            raise SdknobsError(f"--text-encoders {self.text_encoders!r} is not known; choose one of "
+                               f"{', '.join(TEXT_ENCODER_CHOICES)}")
         if self.text_encoder_lr < 0:
             raise SdknobsError(f"--text-encoder-lr must be >= 0, got {self.text_encoder_lr}")
         if self.format not in FORMATS:
@@ -89,7 +94,7 @@ class LoraMethod(Method):
         if model.extra.get("lora"):
             raise SdknobsError("train-lora: the model already has LoRAs applied; merge them first (lora merge)")
         cfg = self.cfg
-        self.targets = resolve_targets(model, cfg.targets, cfg.text_encoder)
+        self.targets = resolve_targets(model, cfg.targets, cfg.text_encoder and cfg.text_encoders)
         most = max(min(t.in_features * t.kernel[0] * t.kernel[1], t.out_features) for t in self.targets)
         if cfg.rank > most:
             raise SdknobsError(f"--rank {cfg.rank} is above the size of every target layer (at most {most} here): "
@@ -98,8 +103,8 @@ class LoraMethod(Method):
             torch.manual_seed(seed_for(cfg.seed, "lora-init"))
             inject(model, self.targets, cfg.rank, cfg.effective_alpha, ADAPTER, init="gaussian")
         set_active(model, [ADAPTER], trainable=True)
-        for comp in ("unet", "text_encoder"):
-            root = model.unet if comp == "unet" else model.text_encoder
+        for comp in model_components(model):
+            root = component(model, comp)
             for path, mod in lora_layers(root):
                 if ADAPTER in mod.lora_A:
                     # A, B in fp32 even on a half-precision base (as diffusers' cast_training_params)
@@ -111,7 +116,7 @@ class LoraMethod(Method):
             self._hook(model)
 
     def parameters(self):
-        te = [p for k, p in self.params.items() if k.startswith("text_encoder.")]
+        te = [p for k, p in self.params.items() if k.startswith("text_encoder")]
         unet = [p for k, p in self.params.items() if k.startswith("unet.")]
         groups = [{"params": unet}]  # (the trainer's AdamW is fused: one kernel for the ~100 small A/B tensors)
         if te:
@@ -131,15 +136,19 @@ class LoraMethod(Method):
             return re.sub(pat, f"{tok} {word}", text, count=1)
         return f"{tok} {word}, {text}"
 
-    def encode_text(self, model, captions):
-        """With a frozen text encoder, each distinct caption is encoded once, on its own (so its value never
-        depends on the batch it arrived in, and resume stays exact), and reused: like latent caching."""
-        if any(k.startswith("text_encoder.") for k in self.params):
-            return super().encode_text(model, captions)  # text-encoder LoRA layers learn: encode every step
+    def encode(self, model, captions):
+        """With frozen text encoders, each distinct caption is encoded once, on its own (so its value never
+        depends on the batch it arrived in, and resume stays exact), and reused: like latent caching. Cached:
+        the hidden states and (SDXL) the pooled output."""
+        if any(k.startswith("text_encoder") for k in self.params):
+            return super().encode(model, captions)  # text-encoder LoRA layers learn: encode every step
         for c in dict.fromkeys(captions):
             if c not in self._text:
-                self._text[c] = super().encode_text(model, [c])[0].detach()
-        return torch.stack([self._text[c] for c in captions])
+                hidden, pooled = super().encode(model, [c])
+                self._text[c] = (hidden[0].detach(), None if pooled is None else pooled[0].detach())
+        hidden = torch.stack([self._text[c][0] for c in captions])
+        pooled = None if self._text[captions[0]][1] is None else torch.stack([self._text[c][1] for c in captions])
+        return hidden, pooled
 
     def state_dict(self):
         return {k: p.detach() for k, p in self.params.items()}
@@ -163,14 +172,14 @@ class LoraMethod(Method):
         return extract(model, ADAPTER)
 
     def save(self, model, path, metadata):
-        te = any(t.component == "text_encoder" for t in self.targets)
+        te = any(t.component != "unet" for t in self.targets)
         return write_lora(self.weights(model), path, self.cfg.format, kohya_metadata(model, self.cfg, metadata, te))
 
     def _hook(self, model) -> None:
         """Record the tensor shapes inside one target layer's bypass (for trace-step): the first to_k (text
         tokens -> keys, where the caption enters the picture), else the first target."""
         t = self.trace_target = next((t for t in self.targets if t.name.endswith("to_k")), self.targets[0])
-        mod = (model.unet if t.component == "unet" else model.text_encoder).get_submodule(t.name)
+        mod = component(model, t.component).get_submodule(t.name)
         rec = self.trace_shapes
 
         def grab(label):
@@ -200,7 +209,7 @@ def model_sha256(model) -> str:
             h.update(f.read_bytes())
         digest = h.hexdigest()
     else:
-        for comp in (model.unet, model.text_encoder):
+        for comp in [component(model, c) for c in model_components(model)]:
             for k, v in comp.state_dict().items():
                 if ".lora_" not in k:
                     h.update(k.encode())
@@ -212,7 +221,10 @@ def model_sha256(model) -> str:
 
 def modelspec_architecture(model) -> str:
     """ModelSpec's architecture id (kohya's library/sai_model_spec.py): SD1-architecture models, the
-    embedded one included, are stable-diffusion-v1; SD2.x is v2-512 or v2-768-v by prediction type."""
+    embedded one included, are stable-diffusion-v1; SD2.x is v2-512 or v2-768-v by prediction type; SDXL is
+    stable-diffusion-xl-v1-base."""
+    if getattr(model, "text_encoder_2", None) is not None:
+        return "stable-diffusion-xl-v1-base"
     if model.family == "SD2.x":
         return "stable-diffusion-v2-768-v" if model.prediction_type == "v_prediction" else "stable-diffusion-v2-512"
     return "stable-diffusion-v1"
@@ -224,7 +236,9 @@ def kohya_metadata(model, cfg: LoraTrainConfig, trainer_meta: dict, text_encoder
     from sdknobs.lora.files import model_file_name
 
     res = trainer_meta.get("resolution", cfg.resolution or model.default_size)
-    version = "sd_v2" if model.family == "SD2.x" else "sd_v1"  # kohya's ss_base_model_version values
+    # kohya's ss_base_model_version values (train_util.py / sdxl_train_util.py)
+    version = "sdxl_base_v1-0" if getattr(model, "text_encoder_2", None) is not None else \
+        "sd_v2" if model.family == "SD2.x" else "sd_v1"
     trigger = f"{cfg.instance_token} {cfg.class_word}".strip()
     te = cfg.text_encoder if text_encoder is None else text_encoder
     meta = {

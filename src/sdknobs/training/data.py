@@ -48,6 +48,9 @@ class Example:
     is_class: bool = False  # a prior-preservation (class) image
     flipped: bool = False  # set by CaptionedDataset.batch: the image was mirrored left-right
     dropped: bool = False  # set by CaptionedDataset.batch: the caption was dropped to "" (caption_dropout)
+    original_size: tuple = ()  # (height, width) of the file, before resizing (SDXL's size conditioning)
+    crop_top_left: tuple = (0, 0)  # (top, left) of the crop in the resized picture
+    resized_width: int = 0  # width after resizing, before the crop (a flip moves the crop's left to width - left)
 
 
 def seed_for(seed: int, *parts) -> int:
@@ -56,9 +59,10 @@ def seed_for(seed: int, *parts) -> int:
 
 
 def load_training_image(path: Path, resolution: int, center_crop: bool = True, what: str = "training",
-                        upscaled: list | None = None) -> torch.Tensor:
+                        upscaled: list | None = None, geometry: dict | None = None) -> torch.Tensor:
     """Read an image file -> [3, resolution, resolution] float in [-1, 1] (shorter side resized, then cropped);
-    the name of an image that had to be upscaled is appended to `upscaled`."""
+    the name of an image that had to be upscaled is appended to `upscaled`; `geometry` gets the Example fields
+    original_size, crop_top_left and resized_width."""
     im = load_image(path, f"{what}: image")
     w, h = im.size
     if min(w, h) < resolution and upscaled is not None:
@@ -69,6 +73,8 @@ def load_training_image(path: Path, resolution: int, center_crop: bool = True, w
         im = im.resize((nw, nh), Image.LANCZOS)
     left, top = ((nw - resolution) // 2, (nh - resolution) // 2) if center_crop else (0, 0)
     im = im.crop((left, top, left + resolution, top + resolution))
+    if geometry is not None:
+        geometry.update(original_size=(h, w), crop_top_left=(top, left), resized_width=nw)
     a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0  # [0, 255] -> [-1, 1]
     return torch.from_numpy(a).permute(2, 0, 1).contiguous()
 
@@ -158,7 +164,9 @@ def read_folder(data_dir: str | Path, *, resolution: int, center_crop: bool = Tr
             if require_captions:
                 raise SdknobsError(f"{what}: image {str(p)!r} has no caption; expected {expected}")
             caption = ""
-        out.append(Example(load_training_image(p, resolution, center_crop, what, small), caption, str(p)))
+        geometry = {}
+        out.append(Example(load_training_image(p, resolution, center_crop, what, small, geometry), caption, str(p),
+                           **geometry))
     if small:
         log.warning("%s: %d image(s) smaller than %d px on the shorter side were upscaled (e.g. %s)", what, len(small),
                     resolution, small[0])

@@ -45,6 +45,20 @@ class Method:
         with nullcontext() if trainable else torch.no_grad():
             return model.text_encoder(ids)[0]
 
+    def encode(self, model, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the trainer calls: (hidden states [B, 77, D], pooled output [B, P] or None). One-encoder models:
+        `encode_text`, no pooled output. SDXL: both encoders' penultimate hidden states concatenated and the
+        second's projected pooled output (`text.embed_text_pooled`, as sampling encodes a one-window prompt), with
+        gradients only when a text-encoder parameter is trainable."""
+        if len(getattr(model, "text_encoders", [model.text_encoder])) == 1:
+            return self.encode_text(model, captions), None
+        from sdknobs.text import embed_text_pooled
+
+        trainable = any(p.requires_grad for enc in model.text_encoders for p in enc.parameters())
+        with nullcontext() if trainable else torch.no_grad():
+            hidden, pooled, _ = embed_text_pooled(model, captions, warn=False)
+        return hidden, pooled
+
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step (TI restores the frozen embedding rows here)."""
 

@@ -83,11 +83,13 @@ def diffusion_loss(
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     return_trace: bool = False,
+    added_cond_kwargs: dict | None = None,
 ):
     """One denoising-loss evaluation; returns the scalar loss (or a `StepTrace` if `return_trace`).
 
     `latents` must already be scaled by the VAE's scaling_factor. `timesteps` / `noise` may be given
     to evaluate at fixed points (validation); otherwise they are drawn from `generator`.
+    `added_cond_kwargs`: SDXL's {"text_embeds": pooled [B, P], "time_ids": [B, 6]} for the U-Net (None: SD1/SD2).
     """
     prediction_type = prediction_type or scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
@@ -114,7 +116,11 @@ def diffusion_loss(
     noisy = scheduler.add_noise(latents, noise, timesteps)
 
     # U-Net prediction, conditioned on t and the text (`unet`: the diffusers U-Net or fast.TracedUNet)
-    pred = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    if added_cond_kwargs is None:
+        pred = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    else:  # SDXL: pooled text + size/crop ids (the plain diffusers U-Net; the traced one takes three inputs)
+        pred = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                    return_dict=False)[0]
 
     # regression target: eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0
     if prediction_type == "epsilon":

@@ -250,7 +250,8 @@ class _Session:
                 _set_checkpointing(m, True)
         # the training step's U-Net: traced (identical results, less Python) unless checkpointing or autocast
         # would have to be recorded too
-        self.unet = training_unet(model.unet, cfg.jit and not cfg.gradient_checkpointing and not dist.amp)
+        self.unet = training_unet(model.unet, cfg.jit and not cfg.gradient_checkpointing and not dist.amp
+                                  and not model.spec.size_conditioning)  # (the traced U-Net takes no added_cond)
         self.cache = self._encode_all(class_ex + train_ex, both_flips=cfg.flip) if cfg.cache_latents else None
         self._val = None
 
@@ -288,10 +289,10 @@ class _Session:
         captions = ["" if e.dropped else self.method.caption(e.caption, e) for e in batch]
         self.last_captions = captions
         with self.dist.autocast():
-            c = self.method.encode_text(model, captions)
+            c, pooled = self.method.encode(model, captions)
             tr = diffusion_loss(self.unet, x0, c, self.noise_sched, g, prediction_type=model.prediction_type,
                                 min_snr_gamma=cfg.min_snr_gamma or None, noise_offset=cfg.noise_offset,
-                                return_trace=True)
+                                return_trace=True, added_cond_kwargs=self.added_cond(batch, pooled))
         # L = mean_instance(w_snr * mse) + prior_loss_weight * mean_class(w_snr * mse)
         l = tr.per_sample_loss * tr.weights
         is_class = torch.tensor([e.is_class for e in batch], device=l.device)
@@ -300,6 +301,22 @@ class _Session:
             loss = loss + cfg.prior_loss_weight * l[is_class].mean()
         tr.loss = loss
         return loss, tr
+
+    def added_cond(self, batch: list[Example], pooled) -> dict | None:
+        """SDXL's U-Net inputs beside the text: the pooled output and, per picture, the six size/crop ids as
+        diffusers' train_text_to_image_lora_sdxl.py makes them: original size = the file's (H, W), crop = the
+        crop's (top, left) in the resized picture (left -> resized width - left when flipped, as that script
+        does), target = the training resolution. None for families without size conditioning."""
+        spec = self.model.spec
+        if not spec.size_conditioning:
+            return None
+        ids = []
+        for e in batch:
+            top, left = e.crop_top_left
+            left = e.resized_width - left if e.flipped and e.resized_width else left
+            h, w = e.original_size or (self.res, self.res)
+            ids.append(spec.time_ids(self.res, self.res, original_size=(w, h), crop_top_left=(left, top)))
+        return {"text_embeds": pooled, "time_ids": torch.tensor(ids, dtype=pooled.dtype, device=pooled.device)}
 
     def train_mode(self, on: bool):
         for m in self.trainable_modules:
@@ -358,13 +375,15 @@ class _Session:
                 captions = [self.method.caption(e.caption, e) for e in ex]
             self._val = (x0, t, noise, captions)
         x0, t, noise, captions = self._val
+        ex = [e for e in self.val_ex for _ in range(VAL_TIMESTEPS)]  # (their size/crop ids, for SDXL)
         self.train_mode(False)
         total = 0.0
         for i in range(0, len(captions), 32):
             sl = slice(i, i + 32)
             with self.dist.autocast():
-                c = self.method.encode_text(self.model, captions[sl])
-                loss = diffusion_loss(self.model.unet, x0[sl], c, self.noise_sched, None, noise=noise[sl], timesteps=t[sl])
+                c, pooled = self.method.encode(self.model, captions[sl])
+                loss = diffusion_loss(self.model.unet, x0[sl], c, self.noise_sched, None, noise=noise[sl], timesteps=t[sl],
+                                      added_cond_kwargs=self.added_cond(ex[sl], pooled))
             total += loss.item() * len(captions[sl])
         self.train_mode(True)
         return total / len(captions)

@@ -1,0 +1,152 @@
+"""LoRA and textual inversion on SDXL (tiny random SDXL weights, sdknobs.tiny.build_sdxl_model): presets on the
+SDXL U-Net, both text encoders, training with cached text outputs (both hidden states and the pooled output)
+and SDXL's size/crop ids, the LoRA tools, and the compatibility errors between SD1.x and SDXL."""
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdknobs import SdknobsError, load_model
+from sdknobs.lora import layers as L
+from sdknobs.lora.files import LoraFactors, LoraWeights, read_lora, write_lora
+from sdknobs.lora.targets import resolve_targets
+
+
+@pytest.fixture(scope="module")
+def xl_dir(tmp_path_factory):
+    from sdknobs.tiny import write_tiny_sdxl_model
+
+    return write_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def xl(xl_dir):
+    return load_model(xl_dir, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two captioned pictures: 48x32 (landscape: resized to 48x32 at 32 px, centre crop at left 8) and 32x40."""
+    d = tmp_path_factory.mktemp("xl-data")
+    rng = np.random.default_rng(0)
+    for name, (w, h) in {"wide": (48, 32), "tall": (32, 40)}.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / f"{name}.png")
+        (d / f"{name}.txt").write_text(f"a {name} red circle, white background")
+    return d
+
+
+def random_lora(model, targets, text_encoder=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = LoraWeights({})
+    for t in resolve_targets(model, targets, text_encoder):
+        w.layers[L.layer_key(model, t.component, t.name)] = LoraFactors(
+            torch.randn(t.down_shape(2), generator=g) * 0.3, torch.randn(t.up_shape(2), generator=g) * 0.3, 2.0)
+    return w
+
+
+# --- presets and targets on the SDXL U-Net and both encoders ------------------------------------------------------
+
+def test_presets_resolve_on_the_sdxl_unet(xl):
+    cross = resolve_targets(xl, ["cross-attn"])
+    assert cross and all(".attn2." in t.name for t in cross)
+    assert not any(t.name.startswith("down_blocks.0.") for t in cross)  # SDXL's first level has no attention
+    assert any("transformer_blocks.1." in t.name for t in cross)  # two transformer blocks in the second
+    for preset in ("attn", "attn-ff", "conv"):
+        assert resolve_targets(xl, [preset])
+    te = resolve_targets(xl, ["cross-attn"], text_encoder=True)
+    assert {t.component for t in te} == {"unet", "text_encoder", "text_encoder_2"}
+    assert {t.component for t in resolve_targets(xl, ["cross-attn"], text_encoder="2")} == {"unet", "text_encoder_2"}
+    te2 = resolve_targets(xl, [r"te2:mlp\.fc1$"])
+    assert te2 and all(t.component == "text_encoder_2" and t.in_features == 64 for t in te2)
+
+
+def test_second_encoder_is_an_error_on_one_encoder_models(tiny):
+    with pytest.raises(SdknobsError, match="only SDXL has a second"):
+        resolve_targets(tiny, ["cross-attn"], text_encoder="2")
+    with pytest.raises(SdknobsError, match="no text_encoder_2"):
+        resolve_targets(tiny, [r"te2:fc1"])
+
+
+# --- LoRA tools: inspect, conflict, merge ---------------------------------------------------------------------------
+
+def test_inspect_conflict_and_merge_on_sdxl(xl, xl_dir, tiny, tmp_path):
+    from sdknobs.lora.inspect import conflict, inspect_lines
+    from sdknobs.lora.merge import combine, merge_into
+
+    a = write_lora(random_lora(xl, ["attn"], text_encoder=True, seed=1), tmp_path / "a.safetensors")
+    b = write_lora(random_lora(xl, ["attn"], text_encoder=True, seed=2), tmp_path / "b.safetensors", "diffusers")
+    wa, wb = read_lora(a), read_lora(b)
+    text = "\n".join(inspect_lines(wa, xl))
+    assert "SDXL" in text and "text_encoder_2.layers.0" in text and "unet.down_blocks.1" in text
+    c = conflict(wa, wb)
+    assert len(c.cosines) == len(wa.layers) and -1 <= c.score <= 1
+    # file to file: concat is exact, on every layer of both encoders and the U-Net, in kohya's SDXL layout
+    w, err = combine([(wa, 0.5), (wb, -1.0)], "concat")
+    out = read_lora(write_lora(w, tmp_path / "ab.safetensors"), model=xl)
+    assert out.architecture == "SDXL" and max(err.values()) == 0
+    for k in wa.layers:
+        torch.testing.assert_close(out.layers[k].delta(), 0.5 * wa.layers[k].delta() - wb.layers[k].delta(),
+                                   atol=1e-5, rtol=1e-4)
+    # into the model: W' = W + delta W, text_encoder_2 included
+    m = load_model(xl_dir, device="cpu", dtype="fp32")
+    key = next(k for k in wa.layers if k.startswith("text_encoder_2."))
+    root, path = L.resolve_module(m, key)
+    before = root.get_submodule(path).weight.detach().clone()
+    merge_into(m, wa, 1.0)
+    torch.testing.assert_close(root.get_submodule(path).weight, before + wa.layers[key].delta(), atol=1e-6, rtol=0)
+    # an SD1.x LoRA cannot be merged into or combined with an SDXL one
+    sd1 = write_lora(random_lora(tiny, ["cross-attn"]), tmp_path / "sd1.safetensors")
+    with pytest.raises(SdknobsError, match="different architectures"):
+        combine([(wa, 1.0), (read_lora(sd1), 1.0)])
+    with pytest.raises(SdknobsError, match="different architectures"):
+        conflict(wa, read_lora(sd1))
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+
+def test_train_lora_on_sdxl_two_steps(xl_dir, data, tmp_path):
+    from sdknobs.lora.train import ADAPTER, LoraTrainConfig, train_lora
+
+    m = load_model(xl_dir, device="cpu", dtype="fp32")
+    seen = []
+
+    def grab(mod, args, kwargs):
+        seen.append({k: v.detach().clone() for k, v in (kwargs.get("added_cond_kwargs") or {}).items()})
+
+    hook = m.unet.register_forward_pre_hook(grab, with_kwargs=True)
+    encoded = []
+    orig = m.text_encoder_2.forward
+    m.text_encoder_2.forward = lambda *a, **k: (encoded.append(1), orig(*a, **k))[1]
+    cfg = LoraTrainConfig(data_dir=str(data), out=str(tmp_path / "xl.safetensors"), model=str(xl_dir), steps=2,
+                          learning_rate=5e-2, batch_size=2, rank=2, targets=["cross-attn"], cache_latents=True,
+                          validate_every=0, checkpoint_every=0, progress=False)
+    res, method = train_lora(cfg, m, log=lambda s: None)
+    hook.remove()
+    assert len(encoded) == 2  # frozen encoders: each of the two captions encoded once, then cached
+    # the size/crop ids of each picture, as diffusers' train_text_to_image_lora_sdxl.py makes them:
+    # (original H, W, crop top, left, target H, W); wide 48x32 -> centre crop left 8; tall 32x40 -> crop top 4
+    ids = {tuple(int(x) for x in row) for step in seen for row in step["time_ids"]}
+    assert ids == {(32, 48, 0, 8, 32, 32), (40, 32, 4, 0, 32, 32)}, ids
+    assert all(s["text_embeds"].shape == (2, 32) for s in seen)  # the pooled output of the second encoder
+    w = read_lora(res.out, model=m)
+    assert w.architecture == "SDXL" and w.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert set(w.layers) == set(L.extract(m, ADAPTER).layers)
+    assert all(float(f.up.abs().max()) > 0 for f in w.layers.values())
+
+
+def test_train_lora_on_sdxl_with_the_second_text_encoder(xl_dir, data, tmp_path):
+    from sdknobs.lora.train import LoraTrainConfig, train_lora
+
+    m = load_model(xl_dir, device="cpu", dtype="fp32")
+    cfg = LoraTrainConfig(data_dir=str(data), out=str(tmp_path / "te2.safetensors"), model=str(xl_dir), steps=2,
+                          learning_rate=5e-2, batch_size=2, rank=2, text_encoder=True, text_encoders="2",
+                          validate_every=0, checkpoint_every=0, progress=False, format="diffusers")
+    res, _ = train_lora(cfg, m, log=lambda s: None)
+    w = read_lora(res.out, model=m)
+    comps = {k.split(".")[0] for k in w.layers}
+    assert comps == {"unet", "text_encoder_2"}
+    assert all(float(f.up.abs().max()) > 0 for k, f in w.layers.items() if k.startswith("text_encoder_2."))
+    with pytest.raises(SdknobsError, match="--text-encoders '3'"):
+        LoraTrainConfig(data_dir=str(data), text_encoders="3")
