@@ -296,14 +296,17 @@ words, BOS, EOS and padding) and AdamW's weight decay touches all rows (`sdknobs
 them). At the end every model weight is bit-identical to the base model's (a test hashes all of them).
 
 ```sh
-sdknobs train-ti DATA_DIR --token "<my-shape>" --init-word shape --vectors 1 --steps 150 --batch-size 8 \\
+sdknobs dataset subject --kind star --out data/stars   # the 20 star pictures below, captions saying "shape"
+sdknobs train-ti data/stars --token "<my-shape>" --init-word shape --vectors 1 --steps 150 --batch-size 8 \\
     --learning-rate 2e-2 --min-snr-gamma 0.1 --cache-latents --template captions --caption-word shape
 sdknobs generate --prompt "a small red <my-shape> on the left, white background" \\
-    --embedding out/ti-my-shape/my-shape.safetensors [--embedding other.pt=<other>] [--lora x.safetensors]
-sdknobs ti verify   FILE    # prompts without the token: bit-identical images; no weight changed
-sdknobs ti nearest  FILE    # top-k vocabulary words by cosine per vector, and the init word's similarity
+    --embedding out/ti-my-shape/my-shape.safetensors --out out/my-shape.png
+sdknobs ti verify out/ti-my-shape/my-shape.safetensors    # prompts without the token: bit-identical images; no weight changed
+sdknobs ti nearest out/ti-my-shape/my-shape.safetensors   # top-k vocabulary words by cosine per vector, and the init word's similarity
 sdknobs ti trace-step       # one step on shapes pictures: tensor shapes, rows with non-zero gradient
 ```
+
+`--embedding` is repeatable (`--embedding other.pt=<other>` renames a file's token) and combines with `--lora`.
 
 `--init-word` must be one token (otherwise the error shows how it splits and suggests single-token
 words) or `--init random`; a token already in the vocabulary is an error. `--template object` / `style`
