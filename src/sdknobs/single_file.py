@@ -6,6 +6,11 @@ load): one .safetensors (or .ckpt) holding three prefixed state dicts,
     cond_stage_model.*       text encoder, SD1.x: transformer.text_model.* (HF CLIP ViT-L/14, width 768)
                                            SD2.x: model.*  (OpenCLIP ViT-H/14 text tower, width 1024)
 
+SDXL (Stability's SGM layout) has the same U-Net and VAE prefixes and two text encoders instead:
+
+    conditioner.embedders.0.transformer.text_model.*  CLIP ViT-L/14 (width 768), HF names
+    conditioner.embedders.1.model.*                   OpenCLIP ViT-bigG/14 (width 1280) with text_projection
+
 Loading builds empty components from configs shipped in assets/configs (or a local diffusers folder,
 `config=`), so nothing is downloaded, and converts with diffusers' own LDM->diffusers converters.
 Nothing is dropped silently: every weight the built model needs must be in the file with the right
@@ -38,6 +43,10 @@ CLIP_EMB = CLIP + "text_model.embeddings.token_embedding.weight"  # (49408, 768)
 OPEN_CLIP_EMB = OPEN_CLIP + "token_embedding.weight"  # (49408, 1024)
 CONTEXT_KEY = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"  # (320, text width)
 FAMILIES = {("clip", 768): "SD1.x", ("open_clip", 1024): "SD2.x"}
+XL_CLIP, XL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."  # SDXL's two encoders
+XL_CLIP_EMB = XL_CLIP + "text_model.embeddings.token_embedding.weight"  # (49408, 768)
+XL_OPEN_CLIP_EMB = XL_OPEN_CLIP + "token_embedding.weight"  # (49408, 1280)
+XL_TEXT = "conditioner.embedders."
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 # Non-weights an LDM training checkpoint carries: LatentDiffusion's DDPM schedule buffers, the EMA copy
@@ -46,7 +55,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _NON_WEIGHTS = re.compile(
     r"^(model_ema\.|(betas|alphas_cumprod(_prev)?|sqrt_(one_minus_)?alphas_cumprod|log_one_minus_alphas_cumprod"
     r"|sqrt_recip(m1)?_alphas_cumprod|posterior_(variance|log_variance_clipped|mean_coef[12])|logvar|v_pred|ztsnr)$"
-    r"|cond_stage_model\.(transformer\.text_model\.embeddings\.position_ids|model\.(logit_scale|attn_mask))$)"
+    r"|(cond_stage_model|conditioner\.embedders\.[01])\.(transformer\.text_model\.embeddings\.position_ids"
+    r"|model\.(logit_scale|attn_mask))$)"
 )
 
 # diffusers -> LDM renames inside one U-Net resnet, VAE attention block and OpenCLIP layer.
@@ -111,19 +121,30 @@ def _read(path: Path):
 
 # -------------------------------------------------------------------------------------------- detecting
 def _text_layout(label: str, shapes: Mapping) -> str:
-    """"clip" (SD1.x) or "open_clip" (SD2.x); SdknobsError if the file is not an SD1/SD2 LDM checkpoint."""
+    """"clip" (SD1.x), "open_clip" (SD2.x) or "sdxl" (SGM's two embedders); SdknobsError if the file is not an
+    SD1/SD2/SDXL checkpoint in the original layout."""
     keys = list(shapes)
-    absent = [p for p in (UNET, VAE, TEXT) if not any(k.startswith(p) for k in keys)]
+    xl = any(k.startswith(XL_TEXT) for k in keys)
+    absent = [p for p in (UNET, VAE, XL_TEXT if xl else TEXT) if not any(k.startswith(p) for k in keys)]
     if absent:
         hint = ""
-        if any(k.startswith("conditioner.embedders.") for k in keys):
-            hint = " It looks like SDXL, which is not supported."
+        if xl:
+            hint = " It looks like an SDXL checkpoint (conditioner.embedders.*) with parts missing."
         elif any(k.startswith(("down_blocks.", "encoder.", "text_model.", "unet.")) for k in keys):
             hint = " It looks like a diffusers component; load the whole diffusers folder instead."
         raise SdknobsError(
-            f"{label}: not a Stable Diffusion 1.x/2.x checkpoint in the original LDM layout: no keys under "
+            f"{label}: not a Stable Diffusion 1.x/2.x/SDXL checkpoint in the original layout: no keys under "
             f"{', '.join(absent)} (its keys start {_short(keys, 3) or 'nowhere: it is empty'}).{hint}"
         )
+    if xl:
+        if not any(k.startswith(XL_OPEN_CLIP) for k in keys) and any(k.startswith("conditioner.embedders.0.model.")
+                                                                     for k in keys):
+            raise SdknobsError(f"{label}: an SDXL refiner (one OpenCLIP embedder, conditioner.embedders.0.model.*); "
+                               f"sdknobs loads SDXL base models, not refiners")
+        missing = [p for p in (XL_CLIP, XL_OPEN_CLIP) if not any(k.startswith(p) for k in keys)]
+        if missing:
+            raise SdknobsError(f"{label}: an SDXL checkpoint needs both text encoders; no keys under {', '.join(missing)}")
+        return "sdxl"
     for layout, emb in (("clip", CLIP_EMB), ("open_clip", OPEN_CLIP_EMB)):
         if emb in shapes:
             return layout
@@ -134,15 +155,29 @@ def _text_layout(label: str, shapes: Mapping) -> str:
                        f"{OPEN_CLIP} (SD2.x), found {_short([k for k in keys if k.startswith(TEXT)], 3)}")
 
 
+XL_CONTEXT_KEY = UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"  # (640, 768 + 1280)
+
+
 def detect_family(shapes: Mapping, label: str = "checkpoint") -> str:
-    """"SD1.x" or "SD2.x" from key names and shapes (the markers diffusers' infer_diffusers_model_type uses)."""
+    """"SD1.x", "SD2.x" or "sdxl" from key names and shapes (the markers diffusers' infer_diffusers_model_type
+    uses)."""
     layout = _text_layout(label, shapes)
-    emb = CLIP_EMB if layout == "clip" else OPEN_CLIP_EMB
-    width, context = shapes.get(emb, (None, None))[-1], shapes.get(CONTEXT_KEY, (None,))[-1]
     conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
     if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
         raise SdknobsError(f"{label}: the U-Net takes {conv_in[1]} input channels ({UNET}input_blocks.0.0.weight "
                            f"{conv_in}); only text-to-image checkpoints (4) are supported, not inpainting or pix2pix")
+    if layout == "sdxl":
+        widths = (shapes.get(XL_CLIP_EMB, (None, None))[-1], shapes.get(XL_OPEN_CLIP_EMB, (None, None))[-1])
+        context = shapes.get(XL_CONTEXT_KEY, (None,))[-1]
+        if widths != (768, 1280) or context != 2048:
+            raise SdknobsError(
+                f"{label}: not a standard SDXL base checkpoint (CLIP 768 + OpenCLIP 1280 = cross-attention 2048): "
+                f"{XL_CLIP_EMB} has shape {shapes.get(XL_CLIP_EMB)}, {XL_OPEN_CLIP_EMB} {shapes.get(XL_OPEN_CLIP_EMB)} "
+                f"and {XL_CONTEXT_KEY} {shapes.get(XL_CONTEXT_KEY)}; pass config= (CLI: --model-config) a local "
+                f"diffusers SDXL folder describing its architecture")
+        return "sdxl"
+    emb = CLIP_EMB if layout == "clip" else OPEN_CLIP_EMB
+    width, context = shapes.get(emb, (None, None))[-1], shapes.get(CONTEXT_KEY, (None,))[-1]
     family = FAMILIES.get((layout, width))
     if family is None or context != width:
         raise SdknobsError(
@@ -184,7 +219,8 @@ def _unet_key(k: str, layers: int, up_attn: set[int]) -> str:
     last one also the upsampler; middle_block is resnet, attention, resnet."""
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
-    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]  # conv_in, time embedding, conv_out
+    top = {**DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"],  # conv_in, time embedding, conv_out
+           **DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]}  # SDXL's add_embedding = label_emb
     if k in top:
         return top[k]
     m = _BLOCK.fullmatch(k)
@@ -230,15 +266,20 @@ def _vae_key(k: str, n_up: int) -> str:
     return f"{side}.up.{n_up - 1 - i}." + ("upsample." if part == "upsamplers" else f"block.{j}.") + rest
 
 
-def _text_ldm(sd: dict, layout: str) -> dict:
+def _text_ldm(sd: dict, layout: str, prefix: str | None = None) -> dict:
+    """One text encoder's weights in the LDM layout: "clip" (HF names under `prefix`, default SD1.x's) or
+    "open_clip" (OpenCLIP names; SDXL's second encoder adds text_projection, stored as x @ P, i.e. transposed)."""
     sd = {k.removeprefix("text_model."): v for k, v in sd.items()}  # transformers < 5.6 nests text_model.
     if layout == "clip":  # SD1.x's FrozenCLIPEmbedder wraps HF CLIPTextModel: its names, prefixed
-        return {f"{CLIP}text_model.{k}": v for k, v in sd.items()}
+        return {f"{prefix or CLIP}text_model.{k}": v for k, v in sd.items()}
+    oc = prefix or OPEN_CLIP  # the prefix this encoder's keys take
     out, qkv = {}, {}
     for k, v in sd.items():
         m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", k)
-        if k in _OPEN_CLIP_TOP:
-            out[OPEN_CLIP + _OPEN_CLIP_TOP[k]] = v
+        if k == "text_projection.weight":
+            out[oc + "text_projection"] = v.T.contiguous()
+        elif k in _OPEN_CLIP_TOP:
+            out[oc + _OPEN_CLIP_TOP[k]] = v
         elif not m:
             raise SdknobsError(f"text encoder weight {k!r} has no place in the OpenCLIP layout")
         elif p := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", m[2]):
@@ -247,14 +288,15 @@ def _text_ldm(sd: dict, layout: str) -> dict:
             rest = m[2]
             for a, b in _OPEN_CLIP_LAYER.items():
                 rest = rest.replace(a, b)
-            out[f"{OPEN_CLIP}transformer.resblocks.{m[1]}.{rest}"] = v
+            out[f"{oc}transformer.resblocks.{m[1]}.{rest}"] = v
     for (i, kind), d in qkv.items():
-        out[f"{OPEN_CLIP}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([d["q"], d["k"], d["v"]])
+        out[f"{oc}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([d["q"], d["k"], d["v"]])
     return out
 
 
-def ldm_state_dict(text_encoder, unet, vae, text_layout: str = "clip") -> dict[str, torch.Tensor]:
-    """The three components as one LDM-layout state dict (works on meta tensors too)."""
+def ldm_state_dict(text_encoder, unet, vae, text_layout: str = "clip", text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """The components as one LDM-layout state dict (works on meta tensors too); text_layout "sdxl" takes both
+    text encoders (SGM's conditioner.embedders.0 / .1)."""
     usd = unet.state_dict()
     up_attn = {int(k.split(".")[1]) for k in usd if k.startswith("up_blocks.") and ".attentions." in k}
     out = {UNET + _unet_key(k, unet.config.layers_per_block, up_attn): v for k, v in usd.items()}
@@ -263,7 +305,13 @@ def ldm_state_dict(text_encoder, unet, vae, text_layout: str = "clip") -> dict[s
         if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) and v.ndim == 2:
             v = v[:, :, None, None]  # LDM's AttnBlock uses 1x1 convs where diffusers uses Linear
         out[VAE + key] = v
-    out.update(_text_ldm(text_encoder.state_dict(), text_layout))
+    if text_layout == "sdxl":
+        if text_encoder_2 is None:
+            raise SdknobsError("the SDXL layout needs both text encoders")
+        out.update(_text_ldm(text_encoder.state_dict(), "clip", XL_CLIP))
+        out.update(_text_ldm(text_encoder_2.state_dict(), "open_clip", XL_OPEN_CLIP))
+    else:
+        out.update(_text_ldm(text_encoder.state_dict(), text_layout))
     return out
 
 
@@ -273,7 +321,14 @@ def _build(folder: Path):
     scheduler config. Shipped folders carry no vocab: they reuse assets/clip_tokenizer."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    def tokenizer(tok):
+        if (tok / "vocab.json").exists() or (tok / "tokenizer.json").exists():
+            return CLIPTokenizer.from_pretrained(tok, **local)
+        cfg, vocab = json.loads((tok / "tokenizer_config.json").read_text()), ASSETS / "clip_tokenizer"
+        return CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"),
+                             pad_token=cfg["pad_token"], model_max_length=cfg["model_max_length"])
 
     try:
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -282,16 +337,14 @@ def _build(folder: Path):
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet", **local))
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae", **local))
             text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder", **local))
-        tok = folder / "tokenizer"
-        if (tok / "vocab.json").exists():
-            tokenizer = CLIPTokenizer.from_pretrained(tok, **local)
-        else:
-            cfg, vocab = json.loads((tok / "tokenizer_config.json").read_text()), ASSETS / "clip_tokenizer"
-            tokenizer = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"),
-                                      pad_token=cfg["pad_token"], model_max_length=cfg["model_max_length"])
+            text_2 = (CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2", **local))
+                      if (folder / "text_encoder_2").is_dir() else None)
+        tokenizers = (tokenizer(folder / "tokenizer"), tokenizer(folder / "tokenizer_2") if text_2 is not None else None)
     except (OSError, ValueError, KeyError) as e:
         raise SdknobsError(f"config folder {folder}: could not read its component configs ({_first_line(e)})") from e
-    return tokenizer, text, unet, vae, sched
+    if text_2 is None:
+        return tokenizers[0], text, unet, vae, sched
+    return tokenizers, (text, text_2), unet, vae, sched
 
 
 def _check(label: str, what: str, have: Mapping, want: Mapping, hint: str) -> None:
@@ -332,19 +385,27 @@ def _assemble(label, get, shapes, metadata, step, dtype, config, prediction_type
     from diffusers.loaders import single_file_utils as sfu
 
     layout = _text_layout(label, shapes)
-    family = "custom" if config is not None else detect_family(shapes, label)
+    # with config= the architecture is the user's ("custom"), but SDXL's two encoders are in the key layout
+    family = ("sdxl" if layout == "sdxl" else "custom") if config is not None else detect_family(shapes, label)
     pred, why = _prediction_type(family, prediction_type, get, shapes, metadata, step)
     if config is not None:
         folder = Path(config).expanduser()
         if not (folder / "unet").is_dir():
             raise SdknobsError(f"config={str(config)!r}: not a diffusers folder (expected {folder / 'unet'})")
+        if (layout == "sdxl") != (folder / "text_encoder_2").is_dir():
+            raise SdknobsError(f"config={str(config)!r}: {'an SDXL' if layout == 'sdxl' else 'a one-text-encoder'} "
+                               f"checkpoint needs a config folder {'with' if layout == 'sdxl' else 'without'} "
+                               f"text_encoder_2/")
     else:
-        folder = CONFIGS / ("sd1" if family == "SD1.x" else "sd2-v" if pred == "v_prediction" else "sd2")
+        folder = CONFIGS / {"SD1.x": "sd1", "sdxl": "sdxl"}.get(family, "sd2-v" if pred == "v_prediction" else "sd2")
     tokenizer, text, unet, vae, sched = _build(folder)
+    tokenizer_2 = text_2 = None
+    if layout == "sdxl":
+        (tokenizer, tokenizer_2), (text, text_2) = tokenizer, text
     pred, why = (pred, why) if pred else (sched.get("prediction_type", "epsilon"), f"config {folder.name}")
 
     # 1. account for every key, in the file's own names, before reading any weight
-    expected = {k: tuple(v.shape) for k, v in ldm_state_dict(text, unet, vae, layout).items()}
+    expected = {k: tuple(v.shape) for k, v in ldm_state_dict(text, unet, vae, layout, text_2).items()}
     extra = [k for k in shapes if k not in expected]
     passthrough = [k for k in extra if k in sfu.SD_2_TEXT_ENCODER_KEYS_TO_IGNORE]  # SD2's unused 24th layer
     ignored = [k for k in extra if _NON_WEIGHTS.match(k)]
@@ -362,18 +423,26 @@ def _assemble(label, get, shapes, metadata, step, dtype, config, prediction_type
     def part(prefix):
         return {k: get(k) for k in expected if k.startswith(prefix)}
 
-    text_sd = (sfu.convert_ldm_clip_checkpoint(part(CLIP)) if layout == "clip"
-               else sfu.convert_open_clip_checkpoint(text, part(OPEN_CLIP), prefix=OPEN_CLIP))
-    if not hasattr(text, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
-        text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
+    def fit(module, sd):  # transformers >= 5.6 flattened CLIPTextModel (not CLIPTextModelWithProjection)
+        return sd if hasattr(module, "text_model") else {k.removeprefix("text_model."): v for k, v in sd.items()}
+
+    if layout == "sdxl":
+        text_sd = sfu.convert_ldm_clip_checkpoint(part(XL_CLIP))  # drops conditioner.embedders.0.transformer.
+        _load_into(label, text_2, fit(text_2, sfu.convert_open_clip_checkpoint(text_2, part(XL_OPEN_CLIP),
+                                                                             prefix=XL_OPEN_CLIP)), dtype)
+    else:
+        text_sd = (sfu.convert_ldm_clip_checkpoint(part(CLIP)) if layout == "clip"
+                   else sfu.convert_open_clip_checkpoint(text, part(OPEN_CLIP), prefix=OPEN_CLIP))
     _load_into(label, unet, sfu.convert_ldm_unet_checkpoint(part(UNET), unet.config), dtype)
     _load_into(label, vae, sfu.convert_ldm_vae_checkpoint(part(VAE), vae.config), dtype)
-    _load_into(label, text, text_sd, dtype)
+    _load_into(label, text, fit(text, text_sd), dtype)
     log.info("%s: %s, %s text encoder, prediction type %s (%s)", label, family, layout, pred, why)
     extra_info = {"text_layout": layout, "prediction_type_source": why, "ignored_keys": ignored,
                   "ldm_passthrough": {k: get(k) for k in passthrough}}
+    if layout == "sdxl":
+        extra_info["force_zeros_for_empty_prompt"] = True  # as diffusers' SDXL pipeline (and A1111) default
     model = Model(tokenizer, text, unet, vae, {**sched, "prediction_type": pred}, family=family,
-                  source=label, extra=extra_info)
+                  source=label, extra=extra_info, tokenizer_2=tokenizer_2, text_encoder_2=text_2)
     for m in model.components().values():
         m.eval()
     return model
@@ -387,10 +456,15 @@ def save_single_file(model: Model, path, text_layout: str | None = None) -> Path
     path = Path(path).expanduser()
     if path.suffix.lower() != ".safetensors":
         raise SdknobsError(f"{path}: single-file checkpoints are written as .safetensors only")
-    layout = text_layout or model.extra.get("text_layout") or ("open_clip" if model.family == "SD2.x" else "clip")
-    if layout not in ("clip", "open_clip"):
-        raise SdknobsError(f"text_layout {layout!r} is not 'clip' (SD1.x) or 'open_clip' (SD2.x)")
-    sd = ldm_state_dict(model.text_encoder, model.unet, model.vae, layout)
+    if model.text_encoder_2 is not None:
+        if text_layout not in (None, "sdxl"):
+            raise SdknobsError(f"text_layout {text_layout!r}: a model with two text encoders is written in SDXL's layout")
+        layout = "sdxl"
+    else:
+        layout = text_layout or model.extra.get("text_layout") or ("open_clip" if model.family == "SD2.x" else "clip")
+        if layout not in ("clip", "open_clip"):
+            raise SdknobsError(f"text_layout {layout!r} is not 'clip' (SD1.x) or 'open_clip' (SD2.x)")
+    sd = ldm_state_dict(model.text_encoder, model.unet, model.vae, layout, model.text_encoder_2)
     if layout == "open_clip":  # put back what loading set aside (SD2's unused last text layer)
         for k, v in model.extra.get("ldm_passthrough", {}).items():
             sd.setdefault(k, v)
