@@ -150,3 +150,26 @@ def test_train_lora_on_sdxl_with_the_second_text_encoder(xl_dir, data, tmp_path)
     assert all(float(f.up.abs().max()) > 0 for k, f in w.layers.items() if k.startswith("text_encoder_2."))
     with pytest.raises(SdknobsError, match="--text-encoders '3'"):
         LoraTrainConfig(data_dir=str(data), text_encoders="3")
+
+
+def test_lora_merge_into_an_sdxl_model_folder(xl_dir, tmp_path, capsys):
+    from sdknobs.cli import main
+
+    m = load_model(xl_dir, device="cpu", dtype="fp32")
+    a = write_lora(random_lora(m, ["attn"], text_encoder=True, seed=3), tmp_path / "a.safetensors")
+    assert main(["lora", "merge", str(a), "--model", str(xl_dir), "--out", str(tmp_path / "merged")]) == 0
+    report = capsys.readouterr().out
+    diff = [float(x) for x in re.findall(r"max \|diff\| ([0-9.e+-]+)", report)]
+    assert len(diff) == 2 and max(diff) < 1e-4, report  # merged weights = the bypass, text and U-Net
+    merged = load_model(tmp_path / "merged", device="cpu", dtype="fp32")
+    assert merged.family == "sdxl"
+    key = next(k for k in read_lora(a).layers if k.startswith("text_encoder_2."))
+    root, path = L.resolve_module(merged, key)
+    root0, _ = L.resolve_module(m, key)
+    torch.testing.assert_close(root.get_submodule(path).weight,
+                               root0.get_submodule(path).weight + read_lora(a).layers[key].delta(), atol=1e-5, rtol=0)
+    # inspect and conflict from the command line
+    assert main(["lora", "inspect", str(a), "--model", str(xl_dir)]) == 0
+    assert "SDXL" in capsys.readouterr().out
+    assert main(["lora", "conflict", str(a), str(a)]) == 0
+    assert "+1.000" in capsys.readouterr().out

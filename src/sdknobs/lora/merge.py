@@ -96,16 +96,17 @@ def merge_check(model, specs, out) -> str:
     from sdknobs.lora.files import read_lora
     from sdknobs.lora.layers import applied
     from sdknobs.model import save_model
-    from sdknobs.text import encode_text
+    from sdknobs.text import embed_text_pooled
 
     g = torch.Generator("cpu").manual_seed(0)
     side = model.unet.config.sample_size
     x = torch.randn((1, model.unet.config.in_channels, side, side), generator=g).to(model.device, model.dtype)
     t = torch.tensor([model.scheduler_config.get("num_train_timesteps", 1000) // 2], device=model.device)
 
-    def probe():
-        c, _ = encode_text(model, ["a large red circle in the centre, white background"])
-        return c, model.unet(x, t, c).sample
+    def probe():  # (SDXL: both encoders' hidden states, and the pooled output with the size ids for the U-Net)
+        c, pooled, _ = embed_text_pooled(model, ["a large red circle in the centre, white background"], warn=False)
+        added = model.spec.added_cond(pooled, model.default_size, model.default_size)
+        return c, model.unet(x, t, c, added_cond_kwargs=added).sample
 
     with applied(model, specs):
         c0, y0 = probe()
