@@ -177,7 +177,7 @@ def test_tiny_without_config_is_not_a_known_family(tiny):
 
 
 @pytest.mark.parametrize("keys, match", [
-    ({"foo.bar": torch.zeros(2), "baz": torch.ones(3)}, "not a Stable Diffusion 1.x/2.x checkpoint.*foo.bar"),
+    ({"foo.bar": torch.zeros(2), "baz": torch.ones(3)}, "not a Stable Diffusion 1.x/2.x/SDXL checkpoint.*foo.bar"),
     ({"conditioner.embedders.0.transformer.text_model.x": torch.zeros(1), "model.diffusion_model.x": torch.zeros(1)}, "SDXL"),
     ({"down_blocks.0.resnets.0.conv1.weight": torch.zeros(1)}, "diffusers component"),
 ])
