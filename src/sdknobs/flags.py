@@ -69,10 +69,15 @@ def add_train_args(sp: argparse.ArgumentParser, cls) -> None:
     """Flags of a training config, plus DATA_DIR as an optional positional alternative to --data-dir."""
     sp.add_argument("data", nargs="?", default="", metavar="DATA_DIR", help="folder of training images (or --data-dir)")
     add_config_args(sp, cls)
+    from sdknobs.training.defaults import defaultable, help_text
+
+    fields = defaultable(cls)
     for a in sp._actions:
         if a.dest == "data_dir":
             a.required = False
             a.default = ""
+        elif a.dest in fields and getattr(cls, "METHOD", ""):  # unset = the model's value, resolved in training
+            a.help = f"{fields[a.dest].metadata['help']} (default: {help_text(cls, a.dest, cls.METHOD)})"
 
 
 def train_config_from_args(cls, args: argparse.Namespace):

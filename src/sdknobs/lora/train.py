@@ -36,14 +36,15 @@ ADAPTER = "trained"
 class LoraTrainConfig(TrainConfig):
     """train-lora: the shared training options plus the LoRA's."""
 
-    rank: int = _f(4, "LoRA rank r (the bypass is B A with A: [r, in], B: [out, r])")
+    METHOD = "lora"  # (not a field) the "training" section of sdknobs.json these defaults come from
+    rank: int | None = _f(None, "LoRA rank r (the bypass is B A with A: [r, in], B: [out, r])", type=int, fallback=4)
     alpha: float = _f(0.0, "LoRA alpha; the bypass is scaled by alpha / r (0 = alpha equals the rank, scale 1)")
     targets: list = _f([], f"layers: presets ({', '.join(PRESETS)}) and/or regexes over module names "
                            f"('te:REGEX' for the text encoder); repeatable; none given = cross-attn", repeatable=True)
     text_encoder: bool = _f(False, "also train LoRA layers on the text encoder's self-attention (preset text-encoder)")
-    text_encoder_lr: float = _f(0.0, "learning rate of the text-encoder layers (0 = --learning-rate)")
     text_encoders: str = _f("both", f"with --text-encoder on SDXL (two text encoders): {', '.join(TEXT_ENCODER_CHOICES)} "
                                     f"(1 = CLIP-L, preset text-encoder; 2 = OpenCLIP bigG, preset text-encoder-2)")
+    text_encoder_lr: float = _f(0.0, "learning rate of the text-encoder layers (0 = --learning-rate)")
     instance_token: str = _f("", "subject mode: the rare identifier placed before --class-word in captions, e.g. sks")
     class_word: str = _f("", "subject mode: the class noun the identifier qualifies, e.g. shape")
     format: str = _f("kohya", f"output layout: {', '.join(FORMATS)} (kohya = A1111/ComfyUI; diffusers = load_lora_weights)")
@@ -53,7 +54,7 @@ class LoraTrainConfig(TrainConfig):
             self.out = str(Path("out") / "lora.safetensors")
         self.targets = list(self.targets) or ["cross-attn"]  # (a non-empty default would be extended by the CLI)
         super().__post_init__()
-        if self.rank < 1:
+        if self.rank is not None and self.rank < 1:
             raise SdknobsError(f"--rank must be >= 1, got {self.rank}")
         if self.alpha < 0:
             raise SdknobsError(f"--alpha must be >= 0 (0 = the rank), got {self.alpha}")

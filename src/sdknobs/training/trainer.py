@@ -69,9 +69,11 @@ class TrainConfig:
     model_config: str = _f("", "for a single-file checkpoint of another architecture: a diffusers folder with its configs")
     device: str = _f("", "cpu, cuda, cuda:1 ... (default: cuda if available; under accelerate launch, its device)")
     mixed_precision: str = _f("no", "no, fp16 or bf16: autocast compute (trainable weights stay fp32); fp16 needs a GPU")
-    steps: int = _f(500, "optimizer steps")
-    learning_rate: float = _f(1e-4, "AdamW peak learning rate")
-    batch_size: int = _f(1, "images per micro-batch per process (class images come on top)")
+    # None = the model's default (training/defaults.py: its sdknobs.json, else its family's, else "fallback")
+    steps: int | None = _f(None, "optimizer steps", type=int, fallback=500)
+    learning_rate: float | None = _f(None, "AdamW peak learning rate", type=float, fallback=1e-4)
+    batch_size: int | None = _f(None, "images per micro-batch per process (class images come on top)", type=int,
+                                fallback=1)
     grad_accum: int = _f(1, "micro-batches per optimizer step (gradient accumulation)")
     seed: int = _f(0, "seed for data order, augmentation, noise and timesteps")
     resolution: int = _f(0, "training image side in px, a multiple of 8 (0 = the model's default size)")
@@ -83,7 +85,7 @@ class TrainConfig:
     lr_warmup_steps: int = _f(0, "linear warmup steps from 0 to --learning-rate")
     weight_decay: float = _f(1e-2, "AdamW decoupled weight decay")
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0 = off)")
-    min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma (0 = off; 5 is usual)")
+    min_snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (0 = off; 5 is usual)", type=float, fallback=0.0)
     noise_offset: float = _f(0.0, "offset-noise strength (0 = off; ~0.05 lets the model change overall brightness)")
     cache_latents: bool = _f(False, "encode each image once with the frozen VAE (posterior mean and std; both orientations with --flip) and sample from the cache")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, slower)")
@@ -103,6 +105,12 @@ class TrainConfig:
     validation_steps: int = _f(20, "sampler steps for the validation grid")
     validation_guidance: float = _f(5.0, "guidance scale for the validation grid")
     validation_seeds: list = _f([0, 1], "seeds (grid columns) for the validation grid", type=int)
+    sample_prompts: str = _f("", "a text file of prompts rendered at every validation into <run-dir>/samples, one PNG "
+                                 "each with its parameters: one prompt a line, with kohya's per-line options --n "
+                                 "NEGATIVE, --s STEPS, --l GUIDANCE, --d SEED, --w WIDTH, --h HEIGHT ('#' = comment)")
+    save_every: int = _f(0, "every N steps also write the LoRA / embedding as it is then, in the final file's format "
+                            "and metadata, into --run-dir as <out name>-<step, 6 digits><suffix> (kohya's "
+                            "NAME-000200.safetensors); 0 = off")
     progress: bool = _f(True, "show a progress bar")
 
     def __post_init__(self):
@@ -120,17 +128,23 @@ class TrainConfig:
         need(self.mixed_precision in MIXED_PRECISION, f"--mixed-precision {self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}")
         need(self.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler {self.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}")
         for name in ("steps", "batch_size", "grad_accum", "repeats", "validation_steps"):
-            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+            need(getattr(self, name) is None or getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("resolution", "lr_warmup_steps", "checkpoint_every", "keep_checkpoints", "validate_every",
                      "validation_split", "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset",
-                     "prior_loss_weight", "validation_guidance"):
-            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        need(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
+                     "prior_loss_weight", "validation_guidance", "save_every"):
+            need(getattr(self, name) is None or getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        need(self.learning_rate is None or self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
         need(self.resolution <= MAX_RESOLUTION, f"--resolution {self.resolution} is above {MAX_RESOLUTION}")
         need(0 <= self.caption_dropout < 1, f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         need(self.resolution % 8 == 0, f"--resolution {self.resolution} is not a multiple of 8")
         need(all(isinstance(p, str) for p in self.validation_prompts), "--validation-prompts must be strings")
         need(len(self.validation_seeds) >= 1 or not self.validation_prompts, "--validation-seeds needs at least one seed")
+        if self.sample_prompts:
+            from sdknobs.training.samples import read_sample_prompts
+
+            read_sample_prompts(self.sample_prompts)  # every line checked now, before any training
+            need(bool(self.validate_every), f"--sample-prompts {self.sample_prompts!r} is rendered at validations, but "
+                 f"--validate-every 0 never validates; give --validate-every N")
         need(not self.validation_split or self.validate_every, f"--validation-split {self.validation_split} holds images "
              f"out of training, but --validate-every 0 never validates; give --validate-every N or --validation-split 0")
 
@@ -198,6 +212,19 @@ class _Session:
         check_multiple("--resolution", self.res, model.size_multiple)
         if cfg.validation_prompts:
             check_steps(cfg.validation_steps, model.scheduler_config, "--validation-steps")
+        self.samples = []
+        if cfg.sample_prompts:  # each line against this model: its size multiple and scheduler
+            from sdknobs.training.samples import read_sample_prompts
+
+            self.samples = read_sample_prompts(cfg.sample_prompts)
+            for sp in self.samples:
+                where = f"{cfg.sample_prompts} line {sp.line}"
+                for side, v in (("--w", sp.width), ("--h", sp.height)):
+                    if v is not None and v % model.size_multiple:
+                        raise SdknobsError(f"{where}: {side} {v} is not a multiple of {model.size_multiple}, as this "
+                                           f"model needs")
+                check_steps(sp.steps or cfg.validation_steps, model.scheduler_config,
+                            f"{where}: --s" if sp.steps else "--validation-steps")
         need, free = cfg.batch_size * (1 + bool(cfg.class_data_dir)) * 3 * self.res**2 * 4, available_memory()
         if free is not None and need > 0.8 * free:  # a lower bound: the micro-batch's images alone
             raise SdknobsError(f"--batch-size {cfg.batch_size} at resolution {self.res} needs at least {need / 2**30:.1f} GiB "
@@ -406,6 +433,57 @@ class _Session:
         text = "\n".join(f"{i}: {p}" for i, p in enumerate(cfg.validation_prompts))
         return save_png(img, path, f"{text}\nSteps: {cfg.validation_steps}, CFG scale: {cfg.validation_guidance}")
 
+    def sample_paths(self, folder: Path, step: int) -> list[Path]:
+        return [folder / f"{step:06d}-{i:02d}.png" for i in range(len(self.samples))]
+
+    def render_samples(self, folder: Path, step: int) -> list[Path]:
+        """--sample-prompts: one PNG per line at this step, with the line's options (A1111 parameters)."""
+        from sdknobs.images import save_png
+        from sdknobs.pipelines import generate
+
+        cfg, out = self.cfg, []
+        if not self.samples:
+            return out
+        folder.mkdir(parents=True, exist_ok=True)
+        self.train_mode(False)
+        for sp, path in zip(self.samples, self.sample_paths(folder, step)):
+            r = generate(self.model, sp.prompt, negative_prompt=sp.negative_prompt,
+                         steps=sp.steps or cfg.validation_steps,
+                         guidance=cfg.validation_guidance if sp.guidance is None else sp.guidance,
+                         seed=cfg.seed if sp.seed is None else sp.seed, width=sp.width or self.res,
+                         height=sp.height or self.res, progress=False)
+            out.append(save_png(r.images[0], path, f"{r.parameters[0]}, Training step: {step}, "
+                                                   f"Sample prompts: {Path(cfg.sample_prompts).name} line {sp.line}"))
+        self.train_mode(True)
+        return out
+
+
+SAMPLES = "samples"  # run_dir/samples/<step>-<line index>.png: the --sample-prompts pictures
+
+
+def save_every_path(cfg: TrainConfig, run_dir: Path, step: int) -> Path:
+    """Where --save-every writes the file of `step`: kohya's NAME-000200.safetensors, in the run folder."""
+    out = Path(cfg.out)
+    return run_dir / f"{out.stem}-{step:06d}{out.suffix}"
+
+
+def _check_planned(cfg: TrainConfig, s, run_dir: Path, first: int, validating, resuming: bool) -> None:
+    """The files this run will write in the run folder besides checkpoints (--save-every files, --sample-prompts
+    pictures, from step `first` on) must not exist already, unless --overwrite, or --resume of the same run
+    (whose earlier session wrote them)."""
+    if cfg.overwrite or resuming:
+        return
+    planned = [save_every_path(cfg, run_dir, k) for k in range(first + 1, cfg.steps + 1)
+               if cfg.save_every and k % cfg.save_every == 0]
+    if validating and s.samples:  # validations: at step 0 (a fresh run), every --validate-every steps, the last
+        steps = ({0} if first == 0 else set()) | set(range(first + cfg.validate_every - first % cfg.validate_every,
+                                                           cfg.steps + 1, cfg.validate_every)) | {cfg.steps}
+        for k in sorted(steps):
+            planned += s.sample_paths(run_dir / SAMPLES, k)
+    for p in planned:
+        if p.exists():
+            raise SdknobsError(f"{p} exists (an earlier run's file); give --overwrite to replace it, or another --run-dir")
+
 
 _RESUME_KEYS = ("data_dir", "class_data_dir", "seed", "batch_size", "grad_accum", "resolution", "repeats", "flip",
                 "caption_dropout", "validation_split", "cache_latents")
@@ -447,6 +525,9 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
     Everything is checked before the run folder is created (paths, resume source, data, method setup).
     With an `accelerator`, its device and mixed_precision win over cfg.device / cfg.mixed_precision."""
     t_start = time.time()
+    from sdknobs.training import defaults
+
+    sources = defaults.resolve(cfg, model, method.name)  # flags left unset: the model's, family's or fallback value
     dist = _Dist(accelerator, cfg, model)
     run_dir = cfg.run_path
     early: list[str] = []  # warnings from before the run folder (and its log) exist
@@ -458,6 +539,9 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
     check_file(cfg.out, "--out", overwrite=cfg.overwrite or same_out)
     rng_state = torch.get_rng_state()
     s = _Session(model, method, cfg, dist)  # reads and checks the data; the method checks its own settings
+    first = ckpt_data[1]["step"] if ckpt is not None else 0
+    validating = cfg.validate_every and (s.val_ex or cfg.validation_prompts or s.samples)
+    _check_planned(cfg, s, run_dir, first, validating, resuming=ckpt is not None)
     if dist.main:
         if cfg.overwrite and not cfg.resume:
             clear(run_dir, (STAGE,))
@@ -474,6 +558,7 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
 
     for msg in early:
         say(msg, warn=True)
+    say(f"settings: {defaults.describe(sources, cfg)}")
     hist: dict[str, list] = {"train_loss": [], "val_loss": [], "grids": []}
     start = 0
     if ckpt is not None:
@@ -502,7 +587,9 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
             grid = s.sample_grid(run_dir / f"val_step_{step:06d}.png")
             if grid is not None:
                 hist["grids"].append(grid.name)
-            say(f"step {step}/{cfg.steps}: " + (f"val loss {v:.5f}" if v is not None else "validation grid written"))
+            hist.setdefault("samples", []).extend(str(p.relative_to(run_dir)) for p in s.render_samples(
+                run_dir / SAMPLES, step))
+            say(f"step {step}/{cfg.steps}: " + (f"val loss {v:.5f}" if v is not None else "validation pictures written"))
         dist.barrier()
 
     def checkpoint(step: int) -> None:
@@ -516,7 +603,23 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
                                "history": hist, "scaler": scaler.state_dict() if scaler is not None else {}})
         dist.barrier()
 
-    validating = cfg.validate_every and (s.val_ex or cfg.validation_prompts)
+    def file_meta(step: int) -> dict[str, str]:
+        """The trained file's metadata (a --save-every file's at its step; the final file's at cfg.steps)."""
+        meta = {"sdknobs_method": method.name, "steps": step, "resolution": s.res, "learning_rate": cfg.learning_rate,
+                "lr_scheduler": cfg.lr_scheduler, "batch_size": cfg.batch_size * dist.world * cfg.grad_accum,
+                "min_snr_gamma": cfg.min_snr_gamma, "seed": cfg.seed, "base_model": cfg.model,
+                "base_family": model.family, "prediction_type": model.prediction_type,
+                "train_images": len(s.data.examples), "repeats": cfg.repeats,
+                "prior_preservation": bool(s.data.class_examples), **method.metadata()}
+        return {k: str(v) for k, v in meta.items()}
+
+    def save_every(step: int) -> None:
+        if dist.main:
+            path = method.save(model, save_every_path(cfg, run_dir, step), file_meta(step))
+            hist.setdefault("saved", []).append(path.name)
+            say(f"step {step}/{cfg.steps}: wrote {path}")
+        dist.barrier()
+
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {method.name}", disable=not (cfg.progress and dist.main),
@@ -537,6 +640,8 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
                 bar.update(1)
                 if validating and (done % cfg.validate_every == 0 or done == cfg.steps):
                     validate(done)
+                if cfg.save_every and done % cfg.save_every == 0:
+                    save_every(done)
                 if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
                     checkpoint(done)
     finally:
@@ -549,19 +654,14 @@ def train(model, method: Method, cfg: TrainConfig, *, accelerator=None, log=prin
     out = Path(cfg.out)
     seconds = time.time() - t_start
     if dist.main:
-        meta = {"sdknobs_method": method.name, "steps": cfg.steps, "resolution": s.res, "learning_rate": cfg.learning_rate,
-                "lr_scheduler": cfg.lr_scheduler, "batch_size": cfg.batch_size * dist.world * cfg.grad_accum,
-                "seed": cfg.seed, "base_model": cfg.model, "base_family": model.family,
-                "prediction_type": model.prediction_type, "train_images": len(s.data.examples),
-                "repeats": cfg.repeats, "prior_preservation": bool(s.data.class_examples), **method.metadata()}
-        out = method.save(model, out, {k: str(v) for k, v in meta.items()})
+        out = method.save(model, out, file_meta(cfg.steps))
         series = {"train loss" + (" (Min-SNR weighted)" if cfg.min_snr_gamma else ""): hist["train_loss"]}
         if hist["val_loss"]:
             series["validation loss (fixed t, noise)"] = hist["val_loss"]
         loss_curve_png(run_dir / "loss_curve.png", series, title=f"train-{method.name}", log_y=True,
                        smooth_window=max(1, len(hist["train_loss"]) // 50))
         _atomic_write_text(run_dir / "history.json", json.dumps(
-            {"config": dataclasses.asdict(cfg), "trainable_params": s.n_params, "out": str(out), "processes": dist.world,
+            {"config": dataclasses.asdict(cfg), "defaults_from": sources, "trainable_params": s.n_params, "out": str(out), "processes": dist.world,
              "seconds_this_session": seconds, **hist}, indent=1))
         say(f"wrote {out} ({cfg.steps} steps, {seconds:.1f}s this session)")
     dist.barrier()
@@ -575,6 +675,9 @@ def trace_step(model, method: Method, cfg: TrainConfig) -> tuple[StepTrace, dict
     grads / grad_norms per trainable parameter name (BEFORE after_optimizer_step), nonzero_grad_rows
     (row indices of 2-D parameters with a non-zero gradient: TI's new token rows) and changed_rows
     (rows that differ after the optimizer step AND after_optimizer_step). Writes nothing."""
+    from sdknobs.training import defaults
+
+    defaults.resolve(cfg, model, method.name)
     s = _Session(model, method, cfg, _Dist(None, cfg, model))
     names = {id(p): n for n, p in _named_parameters(model).items()}
     before = {id(p): p.detach().clone() for p in s.params}
