@@ -9,9 +9,10 @@ from test_lora import random_lora
 from sdknobs import SdknobsError, load_model
 from sdknobs import images as im
 from sdknobs.cli import main
-from sdknobs.grid import parse_axis, split_values
+from sdknobs.grid import GridConfig, parse_axis, split_values
+from sdknobs.grid import run as run_grid
 from sdknobs.lora.files import write_lora
-from sdknobs.pipelines import img2img, sweep_strength
+from sdknobs.pipelines import generate, img2img, inpaint, sweep_strength
 
 P = "a large red circle in the centre, white background"
 
@@ -137,7 +138,7 @@ def test_txt2img_cells_equal_single_commands_and_sheet_records_axes(capsys, tiny
     assert sorted(p.name for p in tmp_path.iterdir()) == before and sheets[0].stat().st_mtime_ns == stamp
 
 
-def test_img2img_inpaint_and_lora_cells_equal_single_commands(capsys, tiny_dir, files, tmp_path):
+def test_img2img_and_lora_flag_cells_equal_single_commands(capsys, tiny_dir, files, tmp_path):
     lora = files / "loras" / "style.safetensors"
     out = tmp_path / "i.png"
     base = [*common(tiny_dir, out), "--image", files / "in.png", "--seed", "7", "--lora", lora]
@@ -145,36 +146,40 @@ def test_img2img_inpaint_and_lora_cells_equal_single_commands(capsys, tiny_dir, 
                        "--cell-labels", "start")
     assert code == 0, err
     code, _, err = run(capsys, "img2img", *common(tiny_dir, tmp_path / "one.png"), "--image", files / "in.png",
-                       "--seed", "7", "--strength", "0.5", "--lora", f"{lora}:0.7")
+                       "--seed", "7", "--strength", "0.5", "--lora", f"{lora}:0.7")  # applied at load, not per cell
     assert code == 0, err
     cell = tmp_path / "i-x0-y1.png"
     assert np.array_equal(px(cell), px(tmp_path / "one.png")) and params(cell) == params(tmp_path / "one.png")
     assert not np.array_equal(px(cell), px(tmp_path / "i-x0-y0.png"))  # the weight acts
-    # a <lora:NAME:W> tag's weight, inpainting, and a mask-blur axis
-    out = tmp_path / "m.png"
-    prompt = P + " <lora:style:0.3>"
-    code, _, err = run(capsys, "grid", "--model", tiny_dir, "--steps", "3", "--prompt", prompt, "--out", out,
-                       "--lora-dir", files / "loras", "--image", files / "in.png", "--mask", files / "mask.png",
-                       "--x", "lora:style=0.3,1", "--y", "mask-blur=0,2", "--save-cells")
-    assert code == 0, err
-    cell = tmp_path / "m-x1-y1.png"
-    assert params(cell).startswith(P + " <lora:style:1>\n") and "Mask blur: 2" in params(cell)
-    code, _, err = run(capsys, "inpaint", "--model", tiny_dir, "--steps", "3", "--prompt", P + " <lora:style:1>",
-                       "--lora-dir", files / "loras", "--image", files / "in.png", "--mask", files / "mask.png",
-                       "--mask-blur", "2", "--out", tmp_path / "two.png")
-    assert code == 0, err
-    assert np.array_equal(px(cell), px(tmp_path / "two.png")) and params(cell) == params(tmp_path / "two.png")
 
 
-def test_prompt_sr_cells(capsys, tiny_dir, tmp_path):
-    code, _, err = run(capsys, "grid", *common(tiny_dir, tmp_path / "p.png"), "--x", "prompt=red,blue,green",
-                       "--save-cells")
-    assert code == 0, err
-    assert params(tmp_path / "p-x2.png").startswith(P.replace("red", "green") + "\n")
-    code, _, err = run(capsys, "generate", *common(tiny_dir, tmp_path / "one.png")[:-4], "--prompt",
-                       P.replace("red", "blue"), "--out", tmp_path / "one.png")
-    assert code == 0, err
-    assert np.array_equal(px(tmp_path / "p-x1.png"), px(tmp_path / "one.png"))
+def _grid_cells(model, cfg, image=None, mask=None):
+    got = {}
+    run_grid(model, cfg.plan(), image, mask, on_cell=lambda c, r: got.__setitem__(c.index, r))
+    return got
+
+
+def test_inpaint_lora_tag_and_mask_blur_cells_equal_pipeline_calls(tiny, tiny_dir, files):
+    """The library: each cell is the pipeline call the single command makes, with the cell's values."""
+    image, mask = Image.open(files / "in.png").convert("RGB"), Image.open(files / "mask.png").convert("L")
+    loras = files / "loras"
+    cfg = GridConfig(model=str(tiny_dir), prompt=P + " <lora:style:0.3>", steps=3, seed=2, image="x", mask="y",
+                     lora_dir=str(loras), x="lora:style=0.3,1", y="mask-blur=0,2")
+    got = _grid_cells(tiny, cfg, image, mask)
+    one = inpaint(tiny, image, mask, P + " <lora:style:1>", mask_blur=2.0, steps=3, seed=2, lora_dir=loras, progress=False)
+    assert np.array_equal(np.asarray(got[(1, 1, 0)].images[0]), np.asarray(one.images[0]))
+    assert got[(1, 1, 0)].parameters == one.parameters and "Mask blur: 2.0" in one.parameters[0]
+    assert not np.array_equal(np.asarray(got[(0, 1, 0)].images[0]), np.asarray(one.images[0]))
+    assert "lora" not in tiny.extra  # applied for each cell only
+
+
+def test_prompt_sr_cells(tiny, tiny_dir):
+    cfg = GridConfig(model=str(tiny_dir), prompt=P, negative_prompt="red noise", steps=3, x="prompt=red,blue,")
+    got = _grid_cells(tiny, cfg)
+    one = generate(tiny, P.replace("red", "blue"), negative_prompt="blue noise", steps=3, progress=False)
+    assert np.array_equal(np.asarray(got[(1, 0, 0)].images[0]), np.asarray(one.images[0]))
+    assert got[(1, 0, 0)].parameters == one.parameters
+    assert got[(2, 0, 0)].parameters[0].startswith(P.replace("red", "") + "\nNegative prompt:  noise\n")
 
 
 def test_sweep_strength_is_unchanged(tiny, photo):
@@ -192,13 +197,6 @@ def test_sweep_strength_is_unchanged(tiny, photo):
     assert got == infos and got[0][1].index == 2
 
 
-def test_sweep_strength_command_output(capsys, tiny_dir, files, tmp_path):
-    code, out, err = run(capsys, "sweep-strength", *common(tiny_dir, tmp_path / "s.png"), "--image", files / "in.png",
-                         "--strengths", "0", "0.5", "1", "--seeds", "0", "1")
-    assert code == 0, err
-    assert "strength 0.50: start step 2/3" in out and "Strengths: 0.0 0.5 1.0" in params(tmp_path / "s.png")
-
-
 BAD = [
     (["--x", "strength=0.5,1.5", "--image", "{in}"], ["--x strength", "'1.5'", "[0, 1]"]),
     (["--x", "scheduler=ddim,heun"], ["--x scheduler", "'heun'"]),
@@ -214,6 +212,8 @@ BAD = [
     (["--x", "prompt=red,<lora:missing:1>"], ["--x prompt value", "<lora:missing>"]),
     (["--x", "seed=0,1", "--batch", "2"], ["--batch 2", "one picture per cell"]),
     (["--x", "seed=0,1", "--strength", "0.5"], ["--strength 0.5 needs --image"]),
+    (["--x", "seed=0,1", "--no-grid"], ["--no-grid"]),
+    (["--x", "seed=0,1", "--out", "{jpg}"], ["--out", "must end in .png"]),
     (["--x", "seed=0,1", "--cell-labels", "start"], ["--cell-labels start", "--image"]),
     (["--x", "seed=0,1", "--cell-labels", "all"], ["--cell-labels 'all'"]),
     (["--x", "seed=0,1", "--image", "{missing}"], ["--image", "no such file"]),
@@ -223,7 +223,8 @@ BAD = [
 
 @pytest.mark.parametrize("argv,words", BAD)
 def test_bad_inputs_write_nothing(capsys, tiny_dir, files, tmp_path, argv, words):
-    subst = {"{in}": files / "in.png", "{lora}": files / "loras" / "style.safetensors", "{missing}": tmp_path / "no.png"}
+    subst = {"{in}": files / "in.png", "{lora}": files / "loras" / "style.safetensors", "{missing}": tmp_path / "no.png",
+             "{jpg}": tmp_path / "out" / "g.jpg"}
     outdir = tmp_path / "out"
     code, out, err = run(capsys, "grid", *common(tiny_dir, outdir / "g.png"), "--save-cells",
                          *[subst.get(a, a) for a in argv])

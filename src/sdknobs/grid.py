@@ -278,6 +278,8 @@ class GridConfig(SampleConfig):
         if self.batch != 1 or self.batch_count != 1:
             raise SdknobsError(f"--batch {self.batch} / --batch-count {self.batch_count}: a grid draws one picture per "
                                f"cell; vary the seed on an axis instead, e.g. --y \"seed=0-3\"")
+        if not self.grid:
+            raise SdknobsError("--no-grid: the sheet is what sdknobs grid writes (--save-cells adds every cell)")
         if self.strength is not None and not 0.0 <= self.strength <= 1.0:
             raise SdknobsError(f"--strength must be in [0, 1], got {self.strength}")
         if self.mask_blur is not None and self.mask_blur < 0:
