@@ -121,12 +121,25 @@ def test_full_size_detection_and_conversion_on_meta(variant):
     assert m.tokenizer.pad_token == ("<|endoftext|>" if family == "SD1.x" else "!")
 
 
-def test_sd2_prediction_type_rules():
-    key = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
-    for std, want in ((0.2, "v_prediction"), (0.01, "epsilon")):
-        t = {key: torch.randn(1280, generator=torch.Generator().manual_seed(0)) * std}
-        assert _prediction_type("SD2.x", None, t.__getitem__, {key: (1280,)}, {}, None)[0] == want
-    assert _prediction_type("SD2.x", None, {}, {}, {}, None)[0] == "v_prediction"  # diffusers' default
+def test_sd2_prediction_type_rules(monkeypatch):
+    from sdknobs import single_file
+
+    assert _prediction_type("SD2.x", None, {}, {}, {}, None) == (None, single_file.TEST_RUN)  # no step, no metadata
+    unet = build_model(seed=SEED).unet  # A1111's test run: mean(U-Net(0.5 latent, t=999) - latent) < -1 is v
+    with torch.no_grad():
+        unet.conv_out.weight.zero_()
+        for bias, v in ((-2.0, True), (0.5, False)):  # the U-Net returns `bias` everywhere: the score is bias - 0.5
+            unet.conv_out.bias.fill_(bias)
+            assert single_file._v_test(unet) == pytest.approx(bias - 0.5) and (single_file._v_test(unet) < -1) == v
+    _, text, unet, vae, _ = _build(CONFIGS / "sd2")  # the full SD2 architecture on meta, no step: the run decides
+    sd = ldm_state_dict(text, unet, vae, "open_clip")
+    shapes = {k: tuple(t.shape) for k, t in sd.items()}
+    for score, want in ((-1.5, ("v_prediction", 96, True)), (-0.2, ("epsilon", 64, False))):
+        monkeypatch.setattr(single_file, "_v_test", lambda unet, s=score: s)
+        m = _assemble("meta.safetensors", sd.__getitem__, shapes, {}, None, torch.float16, None, None)
+        assert (m.prediction_type, m.unet.config.sample_size, m.unet.config.upcast_attention) == want
+        assert "test run" in m.extra["prediction_type_source"]
+        assert m.scheduler_config["_class_name"] == ("DDIMScheduler" if want[0] == "v_prediction" else "PNDMScheduler")
     assert _prediction_type("SD2.x", "epsilon", {}, {}, {}, 0)[0] == "epsilon"
     assert _prediction_type("SD1.x", None, {}, {"v_pred": ()}, {}, None)[0] == "v_prediction"
     assert _prediction_type("SD1.x", None, {}, {}, {"modelspec.prediction_type": "v"}, None)[0] == "v_prediction"

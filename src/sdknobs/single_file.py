@@ -189,8 +189,11 @@ def detect_family(shapes: Mapping, label: str = "checkpoint") -> str:
 
 
 def _prediction_type(family, override, get, shapes, metadata, step) -> tuple[str | None, str]:
-    """(prediction type, why), or (None, "") to use the config's. Order: argument, file metadata or marker,
-    then for SD2.x diffusers' rule (global_step 875000 is the 512-px epsilon base, others the 768-px v model)."""
+    """(prediction type, why), or (None, "") to use the config's, or (None, TEST_RUN) for an SD2.x file that says
+    nothing: then the loaded U-Net is run once (`_v_test`, AUTOMATIC1111's rule). Order: argument, file metadata or
+    marker, then for SD2.x diffusers' rule (global_step 875000 is the 512-px epsilon base, others the 768-px v
+    model), then the test run. (ComfyUI's rule, the spread of one norm bias, read a v-prediction fine-tune as
+    epsilon: a test of what the weights do is what A1111 relies on.)"""
     if override is not None:
         if override not in PREDICTION_TYPES:
             raise SdknobsError(f"prediction_type {override!r} is not one of {', '.join(PREDICTION_TYPES)}")
@@ -205,11 +208,23 @@ def _prediction_type(family, override, get, shapes, metadata, step) -> tuple[str
         return None, ""
     if step is not None:
         return ("epsilon" if step == 875000 else "v_prediction"), f"global_step {step} (diffusers' rule)"
-    key = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
-    if key in shapes:  # no step in .safetensors: ComfyUI's rule, v-models spread this bias wider
-        std = float(get(key).float().std(unbiased=False))
-        return ("v_prediction" if std > 0.09 else "epsilon"), f"std {std:.3f} of {key} (ComfyUI's rule)"
-    return "v_prediction", "SD2.x default (diffusers)"
+    return None, TEST_RUN
+
+
+TEST_RUN = "test run"
+
+
+@torch.no_grad()
+def _v_test(unet) -> float:
+    """AUTOMATIC1111's v-parameterization test (modules/sd_models_config.py, is_using_v_parameterization_for_sd2):
+    the U-Net at t=999 on a constant 0.5 latent and a constant 0.5 context. At t=999 the input is almost pure
+    noise, so an epsilon model returns about its input (mean(out - x) near 0) while a v model returns about
+    -x_0 - ... (mean(out - x) below -1). Returns mean(out - x); v-prediction when < -1."""
+    p = next(unet.parameters())
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=p.dtype, device=p.device)
+    ctx = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, dtype=p.dtype, device=p.device)
+    t = torch.tensor([999], device=p.device)
+    return float((unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0] - x).float().mean())
 
 
 # ---------------------------------------------------------------------------- diffusers -> LDM mapping
@@ -398,11 +413,14 @@ def _assemble(label, get, shapes, metadata, step, dtype, config, prediction_type
                                f"text_encoder_2/")
     else:
         folder = CONFIGS / {"SD1.x": "sd1", "sdxl": "sdxl"}.get(family, "sd2-v" if pred == "v_prediction" else "sd2")
+    if why == TEST_RUN:  # decided after loading; built as the 768-px v model, switched below if epsilon
+        folder = CONFIGS / "sd2-v"
     tokenizer, text, unet, vae, sched = _build(folder)
     tokenizer_2 = text_2 = None
     if layout == "sdxl":
         (tokenizer, tokenizer_2), (text, text_2) = tokenizer, text
-    pred, why = (pred, why) if pred else (sched.get("prediction_type", "epsilon"), f"config {folder.name}")
+    if not pred and why != TEST_RUN:
+        pred, why = sched.get("prediction_type", "epsilon"), f"config {folder.name}"
 
     # 1. account for every key, in the file's own names, before reading any weight
     expected = {k: tuple(v.shape) for k, v in ldm_state_dict(text, unet, vae, layout, text_2).items()}
@@ -436,6 +454,20 @@ def _assemble(label, get, shapes, metadata, step, dtype, config, prediction_type
     _load_into(label, unet, sfu.convert_ldm_unet_checkpoint(part(UNET), unet.config), dtype)
     _load_into(label, vae, sfu.convert_ldm_vae_checkpoint(part(VAE), vae.config), dtype)
     _load_into(label, text, fit(text, text_sd), dtype)
+    if why == TEST_RUN:
+        score = _v_test(unet)
+        pred, why = ("v_prediction" if score < -1 else "epsilon"), f"test run of the U-Net: {score:.2f} (A1111's rule, v < -1)"
+        if pred == "epsilon":  # the 512-px epsilon SD2 base: its config's size and schedule (same architecture)
+            folder = CONFIGS / "sd2"
+            keys = ("sample_size", "upcast_attention")  # where the sd2 and sd2-v U-Net configs differ
+            cfg = json.loads((folder / "unet" / "config.json").read_text())
+            unet.register_to_config(**{k: cfg[k] for k in keys})
+            from diffusers.models.attention_processor import Attention
+
+            for mod in unet.modules():
+                if isinstance(mod, Attention):
+                    mod.upcast_attention = cfg["upcast_attention"]
+            sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     log.info("%s: %s, %s text encoder, prediction type %s (%s)", label, family, layout, pred, why)
     extra_info = {"text_layout": layout, "prediction_type_source": why, "ignored_keys": ignored,
                   "ldm_passthrough": {k: get(k) for k in passthrough}}
