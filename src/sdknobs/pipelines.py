@@ -3,6 +3,7 @@ text, calls the one denoising loop (`loop.denoise`), decodes, and pastes back. S
 everywhere; the CLI mirrors them."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -198,15 +199,33 @@ def _ti_params(model) -> dict:
     return {"TI hashes": f'"{h}"'} if h else {}
 
 
+@contextlib.contextmanager
+def vae_dtype(model):
+    """The dtype to run the VAE in: the model's, except fp16 for a VAE whose config says `force_upcast` (SDXL's
+    overflows in fp16 and decodes to black or NaN): then fp32 for the call, as diffusers' SDXL pipelines do."""
+    if model.vae.dtype != torch.float16 or not getattr(model.vae.config, "force_upcast", False):
+        yield model.vae.dtype
+        return
+    log.info("the VAE runs in fp32 (its config says force_upcast: SDXL's VAE overflows in fp16)")
+    model.vae.to(torch.float32)
+    try:
+        yield torch.float32
+    finally:
+        model.vae.to(torch.float16)
+
+
 def encode_image(model, image: Image.Image, generator) -> torch.Tensor:
     """x_0 = scaling_factor * sample of q(z | image), as diffusers does: one draw per generator for a list."""
-    x = im.to_tensor(image).to(model.device, model.dtype)
-    dist = model.vae.encode(x).latent_dist
-    return torch.cat([dist.sample(g) for g in (generator if isinstance(generator, list) else [generator])]) * model.latent_scale
+    with vae_dtype(model) as dt:
+        x = im.to_tensor(image).to(model.device, dt)
+        dist = model.vae.encode(x).latent_dist
+        z = torch.cat([dist.sample(g) for g in (generator if isinstance(generator, list) else [generator])])
+    return (z * model.latent_scale).to(model.dtype)
 
 
 def decode(model, latents: torch.Tensor) -> list[Image.Image]:
-    return im.to_pil(model.vae.decode(latents / model.latent_scale, return_dict=False)[0])
+    with vae_dtype(model) as dt:
+        return im.to_pil(model.vae.decode((latents / model.latent_scale).to(dt), return_dict=False)[0])
 
 
 @torch.inference_mode()
