@@ -240,3 +240,12 @@ def test_help_lists_every_flag(capsys):
     for flag in ("--x", "--y", "--z", "--save-cells", "--cell-labels", "--scale", "--image", "--mask", "--strength",
                  "--mask-blur", "10-30 (+10)"):
         assert flag in text
+
+
+def test_a1111_axis_labels_and_library_sheets(tiny, tiny_dir):
+    assert parse_axis("CFG Scale=1,2").kind == "guidance" and parse_axis("Prompt S/R=a,b").kind == "prompt"
+    assert parse_axis("Sampler=Euler a").values == ["euler-a"] and parse_axis("Denoising=0.5").kind == "strength"
+    cfg = GridConfig(model=str(tiny_dir), prompt=P, steps=2, x="seed=0,1", z="guidance=1,2")  # X and Z, no Y
+    sheets = run_grid(tiny, cfg.plan())
+    assert len(sheets) == 2 and "Z Type: guidance" in sheets[1][1] and "Z Value: 2" in sheets[1][1]
+    assert "Y Type" not in sheets[0][1] and sheets[0][0].size == sheets[1][0].size

@@ -49,14 +49,14 @@ class Kind:
 
 
 KINDS = {k.name: k for k in [
-    Kind("prompt", str, "", ("sr", "prompt-sr", "prompt_sr", "prompt s/r")),
+    Kind("prompt", str, "", ("sr", "prompt-sr", "prompt-s/r")),
     Kind("seed", int, "seed"),
     Kind("strength", float, "strength", ("denoise", "denoising", "denoising-strength")),
-    Kind("guidance", float, "guidance", ("cfg", "cfg-scale", "cfg_scale")),
+    Kind("guidance", float, "guidance", ("cfg", "cfg-scale")),
     Kind("steps", int, "steps"),
     Kind("scheduler", str, "", ("sampler",)),
     Kind("lora", float, "lora"),
-    Kind("mask-blur", float, "mask blur", ("mask_blur", "blur")),
+    Kind("mask-blur", float, "mask blur", ("blur",)),
 ]}
 _ALIASES = {a: k.name for k in KINDS.values() for a in (k.name, *k.aliases)}
 _SAMPLER_NAMES = {v[2].lower(): k for k, v in SCHEDULERS.items()}  # A1111's names too: 'Euler a', 'DPM++ 2M Karras'
@@ -151,7 +151,7 @@ class Axis:
 def parse_axis(text: str, flag: str = "--x") -> Axis:
     """`NAME=VALUES` -> an Axis with its values expanded and each checked on its own (`check_value`)."""
     name, eq, vals = text.partition("=")
-    key = name.strip().lower()
+    key = re.sub(r"[\s_]+", "-", name.strip().lower())  # A1111's labels too: 'CFG Scale', 'Prompt S/R'
     target = ""
     if key.startswith("lora:"):
         key, target = "lora", name.strip()[5:].strip()
@@ -524,7 +524,7 @@ def _pipeline(mode: str):
 
 def sample_cells(model, plan: Plan, image=None, mask=None, on_cell=None, progress=True):
     """Every cell through its pipeline, X fastest, then Y, then Z (one tqdm bar over cells); `on_cell(cell, result)`
-    after each. Returns {(ix, iy, iz): Result}."""
+    after each. Returns {(ix, iy, iz): Result}, kept only without `on_cell` (which then decides what stays in memory)."""
     from tqdm.auto import tqdm
 
     fn = _pipeline(plan.mode)
@@ -533,16 +533,17 @@ def sample_cells(model, plan: Plan, image=None, mask=None, on_cell=None, progres
     cells = plan.cells()
     for c in tqdm(cells, desc="grid cells", unit="cell", disable=not progress or len(cells) < 2):
         r = fn(model, *args, c.prompt, progress=False, **c.kwargs)
-        out[c.index] = r
         if on_cell is not None:
             on_cell(c, r)
+        else:
+            out[c.index] = r
     return out
 
 
 def run(model, plan: Plan, image=None, mask=None, scale: int = 0, cell_labels: str = "none", on_cell=None,
         on_sheet=None, progress=True) -> list[tuple[Image.Image, str]]:
     """The whole grid: checks (`Plan.check_model`), every cell, then one (sheet, parameters) per Z value, passed
-    to `on_sheet(iz, sheet, parameters)` as soon as its last cell is done."""
+    to `on_sheet(iz, sheet, parameters)` as soon as its last cell is done (and then not kept: the list is empty)."""
     from sdknobs.pipelines import _prepare_image
 
     if image is not None:
@@ -577,9 +578,10 @@ def run(model, plan: Plan, image=None, mask=None, scale: int = 0, cell_labels: s
             params = plan.parameters(done[(0, 0, iz)][0].parameters[0], iz)
             for key in [k for k in done if k[2] == iz]:
                 del done[key]  # one sheet's pictures in memory at a time
-            sheets.append((g, params))
             if on_sheet is not None:
                 on_sheet(iz, g, params)
+            else:
+                sheets.append((g, params))
 
     sample_cells(model, plan, image, mask, cell_done, progress)
     return sheets
