@@ -210,6 +210,7 @@ BAD = [
     (["--x", "lora=0,1"], ["--x lora", "no LoRA"]),
     (["--x", "lora:nope=0,1", "--lora", "{lora}"], ["--x lora:nope", "no LoRA named 'nope'", "style.safetensors"]),
     (["--x", "prompt=red,<lora:missing:1>"], ["--x prompt value", "<lora:missing>"]),
+    (["--x", "lora=0,1", "--lora", "{missing}"], ["--lora", "no such file"]),
     (["--x", "seed=0,1", "--batch", "2"], ["--batch 2", "one picture per cell"]),
     (["--x", "seed=0,1", "--strength", "0.5"], ["--strength 0.5 needs --image"]),
     (["--x", "seed=0,1", "--no-grid"], ["--no-grid"]),

@@ -354,6 +354,10 @@ class Plan:
         self.lora = [parse_spec(s) for s in self.lora]
         self.targets = {a.key: _lora_target(a, self.lora, self.prompt, self.negative_prompt)
                         for a in self.axes if a.kind == "lora"}
+        if self.varies_flag_lora:  # applied per cell: a missing file would only show at the first cell
+            for spec in self.lora:
+                if not Path(spec.path).is_file():
+                    raise SdknobsError(f"--lora {str(spec)!r}: no such file {spec.path!r}")
         for a in self.axes:
             if a.kind == "prompt" and a.target not in self.prompt and a.target not in self.negative_prompt:
                 raise SdknobsError(f"{a.flag} prompt: {a.target!r} (the first value, the text to replace) is not in "
