@@ -173,3 +173,67 @@ def test_lora_merge_into_an_sdxl_model_folder(xl_dir, tmp_path, capsys):
     assert "SDXL" in capsys.readouterr().out
     assert main(["lora", "conflict", str(a), str(a)]) == 0
     assert "+1.000" in capsys.readouterr().out
+
+
+# --- textual inversion ------------------------------------------------------------------------------------------
+
+def test_train_ti_on_sdxl_two_steps_both_tables(xl_dir, data, tmp_path):
+    from sdknobs.ti import read_embedding
+    from sdknobs.ti.tokens import embedding_matrix
+    from sdknobs.ti.train import TITrainConfig, train_ti
+
+    m = load_model(xl_dir, device="cpu", dtype="fp32")
+    base = [embedding_matrix(m, i).detach().clone() for i in range(2)]
+    cfg = TITrainConfig(data_dir=str(data), out=str(tmp_path / "xl-tok.safetensors"), model=str(xl_dir), steps=2,
+                        token="<xl-tok>", init_word="circle", template="captions", caption_word="circle",
+                        learning_rate=5e-2, batch_size=2, validate_every=0, checkpoint_every=0, progress=False,
+                        format="kohya")
+    res, method = train_ti(cfg, m, log=lambda s: None)
+    e = read_embedding(res.out)
+    assert e.format == "sdxl" and e.widths == [32, 64] and e.token == "<xl-tok>"
+    for i, (v, ids) in enumerate(zip(e.parts, method.ids_by_encoder)):
+        E = embedding_matrix(m, i).detach()
+        assert torch.equal(E[: base[i].shape[0]], base[i])  # every old row of each table restored bit for bit
+        init = base[i][m.tokenizers[i]("circle", add_special_tokens=False).input_ids[0]]
+        assert float((v[0] - init).abs().max()) > 1e-4  # both row sets learned
+        torch.testing.assert_close(E[ids], v, atol=0, rtol=0)
+    with pytest.raises(SdknobsError, match="--format a1111: an SDXL embedding"):
+        train_ti(TITrainConfig(data_dir=str(data), out=str(tmp_path / "x.pt"), model=str(xl_dir), token="<a-b>",
+                               init_word="circle", format="a1111", steps=1, progress=False), m, log=lambda s: None)
+
+
+def test_sd1_embedding_on_sdxl_and_the_reverse(xl, tiny, tmp_path):
+    from sdknobs.ti import load_embedding, save_embedding
+
+    one = save_embedding(tmp_path / "one.safetensors", "<one>", torch.zeros(1, 32))
+    two = save_embedding(tmp_path / "two.safetensors", "<two>", torch.zeros(1, 32), vectors_2=torch.zeros(1, 64))
+    with pytest.raises(SdknobsError, match=r"one-encoder embedding 32 wide .*is SDXL, with two text encoders 32 wide "
+                                           r"\(clip_l\) and 64 wide \(clip_g\)") as e:
+        load_embedding(xl, one)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SdknobsError, match=r"SDXL embedding \(clip_l 32 wide and clip_g 64 wide.*SD1\.x/SD2\.x-style "
+                                           r"model with one text encoder 32 wide"):
+        load_embedding(tiny, two)
+    wrong = save_embedding(tmp_path / "w.safetensors", "<w>", torch.zeros(1, 32), vectors_2=torch.zeros(1, 1280))
+    with pytest.raises(SdknobsError, match=r"clip_g vectors are 1280 wide, SDXL's second encoder.*is 64 wide"):
+        load_embedding(xl, wrong)
+
+
+def test_ti_tools_on_sdxl(xl_dir, tmp_path, capsys):
+    from sdknobs.cli import main
+    from sdknobs.ti import save_embedding
+
+    g = torch.Generator().manual_seed(1)
+    f = save_embedding(tmp_path / "t-xl.safetensors", "<t-xl>", torch.randn(1, 32, generator=g),
+                       vectors_2=torch.randn(1, 64, generator=g))
+    assert main(["ti", "verify", str(f), "--model", str(xl_dir), "--steps", "2", "--prompts", "a red circle", ""]) == 0
+    out = capsys.readouterr().out
+    assert "in clip_l's table" in out and "in clip_g's table" in out and "OK" in out
+    assert main(["ti", "nearest", str(f), "--model", str(xl_dir), "--k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "clip_l (text encoder 1, 32 wide)" in out and "clip_g (text encoder 2, 64 wide)" in out
+    assert main(["ti", "nearest", "--word", "circle", "--model", str(xl_dir), "--k", "2"]) == 0
+    assert "in clip_g's table (text encoder 2)" in capsys.readouterr().out
+    assert main(["ti", "trace-step", "--model", str(xl_dir), "--init-word", "star"]) == 0
+    out = capsys.readouterr().out
+    assert "of the second text encoder (clip_g)" in out and out.count("(only the new token's)") == 2

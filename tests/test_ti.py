@@ -165,8 +165,9 @@ def test_format_and_width_errors(model, tmp_path):
         with pytest.raises(SdknobsError, match=rf"{width} wide, {re.escape(family)}.*is 32 wide"):
             load_embedding(model, p)
     save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, tmp_path / "xl.safetensors")
-    with pytest.raises(SdknobsError, match="SDXL.*768.*1280"):
-        read_embedding(tmp_path / "xl.safetensors")
+    assert read_embedding(tmp_path / "xl.safetensors").widths == [768, 1280]  # SDXL's: read, refused on SD1
+    with pytest.raises(SdknobsError, match="SDXL.*768.*1280.*one text encoder 32 wide"):
+        load_embedding(model, tmp_path / "xl.safetensors")
     save_file({"a": torch.zeros(1, 32), "b": torch.zeros(1, 32)}, tmp_path / "two.safetensors")
     with pytest.raises(SdknobsError, match="match no embedding format"):
         read_embedding(tmp_path / "two.safetensors")

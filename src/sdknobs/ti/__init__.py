@@ -13,17 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdknobs.ti.files import EmbeddingFile, read_embedding, save_embedding
-from sdknobs.ti.tokens import add_pseudo_tokens, vector_names
+from sdknobs.ti.tokens import add_pseudo_tokens, add_pseudo_tokens_all, vector_names  # noqa: F401
 
 
 @dataclass
 class LoadedEmbedding:
     token: str
     names: list[str]  # tokenizer entries: token, token_1, ...
-    ids: list[int]  # their rows in the embedding matrix
+    ids: list[int]  # their rows in the (first) text encoder's embedding matrix
     format: str
     path: Path | None
     sha256: str = ""  # of the file, filled in by file_hashes
+    ids_by_encoder: list = None  # SDXL: [rows in clip_l's matrix, rows in clip_g's]; else [ids]
 
 
 def file_hashes(model) -> str:
@@ -51,8 +52,9 @@ def load_embedding(model, source: str | Path | EmbeddingFile, token: str | None 
         emb.token = token.lower()
     check_width(emb, model)
     where = f"embedding file {emb.path}: token" if emb.path else "embedding token"
-    ids = add_pseudo_tokens(model, emb.token, emb.vectors, what=where)
-    loaded = LoadedEmbedding(emb.token, vector_names(emb.token, emb.n_vectors), ids, emb.format, emb.path)
+    ids = add_pseudo_tokens_all(model, emb.token, emb.parts, what=where)  # one row set in each text encoder
+    loaded = LoadedEmbedding(emb.token, vector_names(emb.token, emb.n_vectors), ids[0], emb.format, emb.path,
+                             ids_by_encoder=ids)
     model.extra.setdefault("embeddings", []).append(loaded)
     return loaded
 
@@ -84,8 +86,13 @@ def ensure_embeddings(model, args) -> None:
         if have is None:
             load_embedding(model, emb)
             continue
-        rows = model.text_encoder.get_input_embeddings().weight.detach()[have.ids].float().cpu()
-        if rows.shape != emb.vectors.shape or not torch.equal(rows, emb.vectors.to(rows.dtype)):
+        from sdknobs.ti.tokens import embedding_matrix
+
+        same = len(emb.parts) == len(have.ids_by_encoder or [have.ids])
+        for i, (ids, v) in enumerate(zip(have.ids_by_encoder or [have.ids], emb.parts)):
+            rows = embedding_matrix(model, i).detach()[ids].float().cpu()
+            same = same and rows.shape == v.shape and torch.equal(rows, v.to(rows.dtype))
+        if not same:
             raise SdknobsError(f"embedding file {path}: token {emb.token!r} is already loaded with other vectors "
                                f"(from {have.path}); pass FILE=<another-token> to load both")
 

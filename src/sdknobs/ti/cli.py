@@ -94,27 +94,25 @@ def cmd_verify(args) -> None:
 
 def cmd_nearest(args) -> None:
     from sdknobs.ti.files import check_width, read_embedding
-    from sdknobs.ti.nearest import format_neighbours, nearest
-    from sdknobs.ti.tokens import vector_names
 
     if args.k < 1:
         raise SdknobsError(f"--k must be >= 1, got {args.k}")
     if bool(args.file) == bool(args.word):
         raise SdknobsError("ti nearest: give an embedding FILE or --word WORD (one of the two)")
     if args.word:
-        from sdknobs.ti.nearest import word_neighbours
+        from sdknobs.ti.nearest import word_lines
 
-        row = word_neighbours(_load(args), args.word, k=args.k)
-        print(f"word {args.word!r}: vocabulary row {row.extra['id']}")
-        print("\n".join(format_neighbours([row])))
+        print("\n".join(word_lines(_load(args), args.word, k=args.k)))  # (each text encoder's table on SDXL)
         return
     model = _load(args)
     emb = read_embedding(args.file, args.token or None)
     check_width(emb, model)
     init = args.init_word or str(emb.metadata.get("init_word", "") or "")
-    print(f"{args.file}: token {emb.token!r}, {emb.n_vectors} vector(s) of width {emb.width}, format {emb.format}")
-    rows = nearest(model, emb.vectors, vector_names(emb.token, emb.n_vectors), k=args.k, init_word=init)
-    print("\n".join(format_neighbours(rows)))
+    from sdknobs.ti.nearest import embedding_lines
+
+    print(f"{args.file}: token {emb.token!r}, {emb.n_vectors} vector(s) of width {' + '.join(map(str, emb.widths))}, "
+          f"format {emb.format}")
+    print("\n".join(embedding_lines(model, emb, k=args.k, init_word=init)))
 
 
 def cmd_trace_step(args) -> None:

@@ -6,7 +6,12 @@ Formats (what each tool reads and writes):
 - kohya      `NAME.safetensors`: {"emb_params": tensor[N, D]} (kohya's sd-scripts, AUTOMATIC1111, ComfyUI);
 - a1111      `NAME.pt`: {"string_to_param": {"*": tensor[N, D]}, "string_to_token": {"*": 265},
   "name": NAME, "step": ...} (AUTOMATIC1111's own training writes it); read also with the older
-  nn.ParameterDict under string_to_param, and as A1111's PNG embeddings (`pngs.py`).
+  nn.ParameterDict under string_to_param, and as A1111's PNG embeddings (`pngs.py`);
+- SDXL (kohya's sdxl_train_textual_inversion.py, A1111, ComfyUI): `NAME.safetensors` {"clip_l": [N, 768],
+  "clip_g": [N, 1280]}, one vector set per text encoder; written for SDXL models whatever --format says (a1111's
+  .pt excepted: A1111 reads this file). diffusers loads it with two calls, one per encoder:
+  `load_textual_inversion(sd["clip_g"], token=T, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)`
+  and `load_textual_inversion(sd["clip_l"], token=T, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)`.
 AUTOMATIC1111, ComfyUI and kohya name an embedding after its file, so the default file name is the
 token without its brackets (`<star-shape>` -> `star-shape.safetensors`).
 
@@ -52,10 +57,28 @@ def width_family(width: int) -> str:
 @dataclass
 class EmbeddingFile:
     token: str
-    vectors: torch.Tensor  # [N, D], float
-    format: str  # one of FORMATS
+    vectors: torch.Tensor  # [N, D], float (SDXL: the clip_l part)
+    format: str  # one of FORMATS, or "sdxl" / "a1111-png" as read
     path: Path | None = None
     metadata: dict = field(default_factory=dict)  # strings (safetensors header) or plain values (.pt)
+    vectors_2: torch.Tensor | None = None  # SDXL: the clip_g part [N, D2] (None: a one-encoder embedding)
+
+    @property
+    def parts(self) -> list[torch.Tensor]:
+        """One vector set per text encoder, in the model's order."""
+        return [self.vectors] if self.vectors_2 is None else [self.vectors, self.vectors_2]
+
+    @property
+    def widths(self) -> list[int]:
+        return [int(v.shape[1]) for v in self.parts]
+
+    @property
+    def kind(self) -> str:
+        """What the file is for, in words (messages)."""
+        if self.vectors_2 is None:
+            return f"a one-encoder embedding {self.width} wide ({width_family(self.width)})"
+        return (f"an SDXL embedding (clip_l {self.widths[0]} wide and clip_g {self.widths[1]} wide, one part for each "
+                f"text encoder)")
 
     @property
     def n_vectors(self) -> int:
@@ -72,8 +95,9 @@ def default_filename(token: str, format: str) -> str:
 
 
 def save_embedding(path: str | Path, token: str, vectors: torch.Tensor, *, format: str = "diffusers",
-                   metadata: dict | None = None) -> Path:
-    """Write `token`'s vectors [N, D] in `format`; a folder path gets the format's default file name."""
+                   metadata: dict | None = None, vectors_2: torch.Tensor | None = None) -> Path:
+    """Write `token`'s vectors [N, D] in `format`; a folder path gets the format's default file name.
+    vectors_2: SDXL's second part (clip_g): the file is then {"clip_l": vectors, "clip_g": vectors_2}."""
     from safetensors.torch import save_file
 
     from sdknobs.lora.files import model_file_name
@@ -84,13 +108,21 @@ def save_embedding(path: str | Path, token: str, vectors: torch.Tensor, *, forma
     if path.is_dir() or not path.suffix:
         path = path / default_filename(token, format)
     want = ".pt" if format == "a1111" else ".safetensors"
+    if vectors_2 is not None and format == "a1111":
+        raise SdknobsError(f"embedding file {path}: an SDXL embedding is written as a .safetensors file with clip_l "
+                           f"and clip_g (what A1111, ComfyUI and kohya read for SDXL); use --format kohya or diffusers")
     if path.suffix != want:
         raise SdknobsError(f"embedding file {path}: format {format} is written as {want}, not {path.suffix}")
     v = _vectors(vectors.detach().to("cpu"), path, "the vectors")
+    v2 = None if vectors_2 is None else _vectors(vectors_2.detach().to("cpu"), path, "the clip_g vectors")
+    if v2 is not None and v2.shape[0] != v.shape[0]:
+        raise SdknobsError(f"embedding file {path}: clip_l has {v.shape[0]} vectors but clip_g {v2.shape[0]}")
     metadata = dict(metadata or {})
     if "base_model" in metadata:  # a file or folder name, never the trainer's local path
         metadata["base_model"] = model_file_name(metadata["base_model"])
     meta = {str(k): str(val) for k, val in {**metadata, "token": token}.items()}
+    if v2 is not None:
+        return atomic_write(path, lambda tmp: save_file({"clip_l": v, "clip_g": v2}, tmp, metadata={"format": "pt", **meta}))
     if format == "diffusers":
         return atomic_write(path, lambda tmp: save_file({token: v}, tmp, metadata={"format": "pt", **meta}))
     if format == "kohya":
@@ -146,10 +178,7 @@ def _vectors(t, path, key) -> torch.Tensor:
     return t.detach().float().reshape(-1, t.shape[-1]).clone()
 
 
-def _sdxl_error(path, keys) -> SdknobsError:
-    return SdknobsError(f"embedding file {path} is an SDXL embedding (keys {', '.join(sorted(keys))}: one part for "
-                        f"each text encoder, 768 wide for clip_l and 1280 for clip_g); it needs an SDXL model, "
-                        f"this tool loads SD1.x/SD2.x-style models with one text encoder")
+SDXL_KEYS = ("clip_l", "clip_g")
 
 
 def _checkpoint_error(path, what) -> SdknobsError:
@@ -159,8 +188,15 @@ def _checkpoint_error(path, what) -> SdknobsError:
 
 def _from_dict(d: dict, path: Path, stem: str) -> EmbeddingFile:
     keys = set(d)
-    if {"clip_l", "clip_g"} <= keys:
-        raise _sdxl_error(path, keys)
+    if keys & set(SDXL_KEYS):
+        if keys != set(SDXL_KEYS):
+            raise SdknobsError(f"embedding file {path}: keys {sorted(map(str, keys))}; an SDXL embedding holds exactly "
+                               f"clip_l and clip_g (one part for each text encoder)")
+        v, v2 = _vectors(d["clip_l"], path, "clip_l"), _vectors(d["clip_g"], path, "clip_g")
+        if v.shape[0] != v2.shape[0]:
+            raise SdknobsError(f"embedding file {path}: clip_l has {v.shape[0]} vectors but clip_g {v2.shape[0]}; "
+                               f"each vector of the token has one row in each text encoder")
+        return EmbeddingFile(stem, v, "sdxl", path, vectors_2=v2)
     if {"optimizers", "rng"} <= keys:
         raise _checkpoint_error(path, "the optimizer and RNG state")
     if any("/" in str(k) for k in keys):
@@ -250,7 +286,7 @@ def read_embedding(path: str | Path, token: str | None = None) -> EmbeddingFile:
         # kohya/A1111 name the token after the file; a file we wrote keeps its token (brackets and all) in
         # the metadata, used while the file still has the name we gave it
         t = meta.get("token", "")
-        if emb.format == "kohya" and t and Path(default_filename(t, "kohya")).stem == stem:
+        if emb.format in ("kohya", "sdxl") and t and Path(default_filename(t, "kohya")).stem == stem:
             emb.token = t
     elif suffix in (".pt", ".bin", ".ckpt", ".pth"):
         d = _torch_load(path)
@@ -275,10 +311,23 @@ def read_embedding(path: str | Path, token: str | None = None) -> EmbeddingFile:
 
 
 def check_width(emb: EmbeddingFile, model) -> None:
-    """An embedding only works in a text encoder of its own width (its vectors live in that space)."""
-    w, mw = emb.width, model.text_width
-    if w != mw:
-        src = f"{emb.path}" if emb.path else f"embedding {emb.token!r}"
-        raise SdknobsError(f"{src}: its vectors are {w} wide, {width_family(w)}, but this model's text encoder "
-                           f"({model.source or model.family}, family {model.family}) is {mw} wide, "
-                           f"{width_family(mw)}; use it with a model of its own family")
+    """An embedding only works in text encoders of its own widths (its vectors live in those spaces): one part for
+    a one-encoder model, clip_l + clip_g for SDXL's two."""
+    from sdknobs.ti.tokens import encoders
+
+    widths = [int(enc.get_input_embeddings().weight.shape[1]) for _, enc in encoders(model)]
+    src = f"{emb.path}" if emb.path else f"embedding {emb.token!r}"
+    name = f"{model.source or model.family}, family {model.family}"
+    if len(emb.parts) != len(widths):
+        if len(widths) == 2:
+            raise SdknobsError(f"{src}: {emb.kind}, but the model ({name}) is SDXL, with two text encoders {widths[0]} "
+                               f"wide (clip_l) and {widths[1]} wide (clip_g): it needs an SDXL embedding with a clip_l "
+                               f"and a clip_g part; a one-encoder vector lives in its own encoder's space and means "
+                               f"nothing to SDXL's two, so use it with a model of its own family")
+        raise SdknobsError(f"{src}: {emb.kind}, but the model ({name}) is an SD1.x/SD2.x-style model with one text "
+                           f"encoder {widths[0]} wide ({width_family(widths[0])}); use it with an SDXL model")
+    for part, w, mw in zip(SDXL_KEYS if len(widths) == 2 else ("",), emb.widths, widths):
+        if w != mw:
+            which = f"its {part} vectors are" if part else "its vectors are"
+            raise SdknobsError(f"{src}: {which} {w} wide, {width_family(w)}, but this model's text encoder{' ' + part if part else ''} "
+                               f"({name}) is {mw} wide, {width_family(mw)}; use it with a model of its own family")

@@ -10,6 +10,10 @@ Training makes the whole matrix E' the optimized tensor (as diffusers' textual_i
 the embedding layer has one weight) and `RowGuard.restore` copies rows 0..V-1 back after every
 optimizer step, so gradients that reach other rows (every token in the caption, BOS and EOS/padding
 get some), weight decay and Adam's moments never move them.
+
+SDXL has two text encoders, each with its own table (CLIP-L's E1 [V, 768] and OpenCLIP bigG's E2 [V, 1280]):
+a token gets one new row set in EACH, under the same names in both tokenizers (`add_pseudo_tokens_all`), and
+both are trained together (one RowGuard per table). `encoder=i` picks the table elsewhere.
 """
 from __future__ import annotations
 
@@ -27,9 +31,19 @@ def vector_names(token: str, n: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, n)]
 
 
-def embedding_matrix(model) -> torch.nn.Parameter:
-    """The text encoder's token-embedding weight E [rows, D]."""
-    return model.text_encoder.get_input_embeddings().weight
+def encoders(model) -> list[tuple[object, torch.nn.Module]]:
+    """(tokenizer, text encoder) of each of the model's text encoders: one for SD1.x/SD2.x, two for SDXL."""
+    toks = getattr(model, "tokenizers", None) or [model.tokenizer]
+    encs = getattr(model, "text_encoders", None) or [model.text_encoder]
+    return list(zip(toks, encs))
+
+
+ENCODER_NAMES = ("clip_l", "clip_g")  # SDXL's two tables, as kohya, A1111 and ComfyUI name them in files
+
+
+def embedding_matrix(model, encoder: int = 0) -> torch.nn.Parameter:
+    """The token-embedding weight E [rows, D] of text encoder `encoder` (0: the first, or only, one)."""
+    return encoders(model)[encoder][1].get_input_embeddings().weight
 
 
 def _vocab_id(tokenizer, name: str) -> int | None:
@@ -93,21 +107,23 @@ def init_word_id(tokenizer, word: str) -> int:
     raise SdknobsError(f"--init-word {word!r} is {len(ids)} tokens ({' + '.join(pieces)}), it must be exactly one; {hint}")
 
 
-def add_pseudo_tokens(model, token: str, vectors: torch.Tensor, what: str = "--token") -> list[int]:
-    """Add `token` with vectors [N, D] to the model (tokenizer + N new embedding rows); returns their ids.
+def add_pseudo_tokens(model, token: str, vectors: torch.Tensor, what: str = "--token", encoder: int = 0) -> list[int]:
+    """Add `token` with vectors [N, D] to text encoder `encoder` of the model (its tokenizer + N new embedding
+    rows); returns their ids.
 
     The matrix is rebuilt from the old one plus the new rows (no random initialisation runs, so no
     global RNG state is consumed), and keeps its dtype and device; the old rows are the same bits."""
+    tokenizer, text_encoder = encoders(model)[encoder]
     vectors = vectors.reshape(-1, vectors.shape[-1]) if vectors.dim() == 1 else vectors
     n, d = vectors.shape
-    check_token(model.tokenizer, token, n, what)
-    emb = model.text_encoder.get_input_embeddings()
+    check_token(tokenizer, token, n, what)
+    emb = text_encoder.get_input_embeddings()
     old = emb.weight
     if d != old.shape[1]:
         raise SdknobsError(f"{what} {token!r}: vectors are {d} wide but the text encoder is {old.shape[1]} wide")
     names = vector_names(token, n)
-    model.tokenizer.add_tokens(names)
-    ids = model.tokenizer.convert_tokens_to_ids(names)
+    tokenizer.add_tokens(names)
+    ids = tokenizer.convert_tokens_to_ids(names)
     rows = max(old.shape[0], max(ids) + 1)
     with torch.no_grad():
         weight = torch.empty(rows, d, dtype=old.dtype, device=old.device)
@@ -115,19 +131,35 @@ def add_pseudo_tokens(model, token: str, vectors: torch.Tensor, what: str = "--t
         weight[ids] = vectors.to(old.dtype).to(old.device)
     new = torch.nn.Embedding(rows, d, padding_idx=emb.padding_idx, _weight=weight, _freeze=True,
                              device=old.device, dtype=old.dtype)
-    model.text_encoder.set_input_embeddings(new)
-    model.text_encoder.config.vocab_size = rows
+    text_encoder.set_input_embeddings(new)
+    text_encoder.config.vocab_size = rows
     return list(ids)
 
 
-def initial_vectors(model, n: int, init: str = "word", init_word: str = "", seed: int = 0) -> torch.Tensor:
-    """Starting vectors [n, D]: copies of the init word's row, or (init "random") draws with the
-    per-dimension mean and standard deviation of the vocabulary rows (from a local generator)."""
-    E = embedding_matrix(model).detach().float().cpu()
+def add_pseudo_tokens_all(model, token: str, parts: list[torch.Tensor], what: str = "--token") -> list[list[int]]:
+    """Add `token` to every text encoder of the model, parts[i] [N, D_i] into encoder i (SDXL: clip_l, clip_g),
+    under the same names in each tokenizer; checked in all of them before any is changed. Returns ids per encoder."""
+    encs = encoders(model)
+    if len(parts) != len(encs):
+        raise SdknobsError(f"{what} {token!r}: {len(parts)} vector set(s) for a model with {len(encs)} text encoder(s)")
+    for (tok, enc), v in zip(encs, parts):
+        check_token(tok, token, v.reshape(-1, v.shape[-1]).shape[0], what)
+        width = enc.get_input_embeddings().weight.shape[1]
+        if v.shape[-1] != width:
+            raise SdknobsError(f"{what} {token!r}: vectors are {v.shape[-1]} wide but that text encoder is {width} wide")
+    return [add_pseudo_tokens(model, token, v, what, encoder=i) for i, v in enumerate(parts)]
+
+
+def initial_vectors(model, n: int, init: str = "word", init_word: str = "", seed: int = 0,
+                    encoder: int = 0) -> torch.Tensor:
+    """Starting vectors [n, D] in text encoder `encoder`'s table: copies of the init word's row, or (init
+    "random") draws with the per-dimension mean and standard deviation of the vocabulary rows (from a local
+    generator; another stream per encoder)."""
+    E = embedding_matrix(model, encoder).detach().float().cpu()
     if init == "word":
-        return E[init_word_id(model.tokenizer, init_word)].expand(n, -1).clone()
+        return E[init_word_id(encoders(model)[encoder][0], init_word)].expand(n, -1).clone()
     if init == "random":
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed + encoder)
         return E.mean(0) + E.std(0) * torch.randn(n, E.shape[1], generator=g)
     raise SdknobsError(f"--init {init!r} is not known; choose word or random")
 

@@ -4,7 +4,8 @@ Shows the caption as the text encoder sees it (pseudo-tokens expanded), the shap
 the diffusion step, and the point of the restore: autograd gives a non-zero gradient to EVERY row of
 the embedding matrix whose token is in the batch (the caption's words, BOS, EOS and the padding,
 which is EOS again), the AdamW step moves all of those rows (and weight decay all rows), and the
-restore puts every row back except the new token's."""
+restore puts every row back except the new token's. On SDXL the same is shown for both tables (CLIP-L's and
+OpenCLIP bigG's), which train together."""
 from __future__ import annotations
 
 import tempfile
@@ -25,6 +26,7 @@ class TraceReport:
     grad_rows: list[tuple[int, str, float]]  # (row, token, |grad row|) with non-zero gradient
     moved_rows: list[int]  # rows the optimizer step changed, before the restore
     changed_rows: list[int]  # rows changed after the step and the restore (= the new ids)
+    others: list = None  # SDXL: the same for the second table, dicts with the keys above plus "name"
 
 
 def trace(model, *, data_dir: str, token: str = "<trace-shape>", init_word: str = "shape", vectors: int = 1,
@@ -47,14 +49,20 @@ def trace(model, *, data_dir: str, token: str = "<trace-shape>", init_word: str 
     id_lists = []
     for row in ids.tolist():
         id_lists.append(row[: row.index(eos) + 1] if eos in row else row)
-    name = next(iter(extra["grads"]))
-    g = extra["grads"][name]
-    rows = extra["nonzero_grad_rows"][name]
+    from sdknobs.ti.tokens import ENCODER_NAMES, encoders
+
+    tables = []
+    for i, ((tok, _), name) in enumerate(zip(encoders(model), extra["grads"])):
+        g, rows, conv = extra["grads"][name], extra["nonzero_grad_rows"][name], tok.convert_ids_to_tokens
+        moved = method.moved_rows_by_encoder[i] if method.moved_rows_by_encoder else method.moved_rows
+        tables.append({"name": ENCODER_NAMES[i] if i else name, "matrix": tuple(g.shape),
+                       "new_ids": method.ids_by_encoder[i], "grad_rows": [(r, conv(r), float(g[r].norm())) for r in rows],
+                       "moved_rows": moved, "changed_rows": extra["changed_rows"][name]})
     conv = model.tokenizer.convert_ids_to_tokens
+    t0 = tables[0]
     return TraceReport(
         extra["captions"], id_lists, [conv(r) for r in id_lists], tr.shapes(), extra["loss"], extra["lr"],
-        tuple(g.shape), method.ids, [(r, conv(r), float(g[r].norm())) for r in rows], method.moved_rows,
-        extra["changed_rows"][name])
+        t0["matrix"], t0["new_ids"], t0["grad_rows"], t0["moved_rows"], t0["changed_rows"], tables[1:])
 
 
 def format_trace(r: TraceReport) -> list[str]:
@@ -66,10 +74,15 @@ def format_trace(r: TraceReport) -> list[str]:
     out.append("tensors:")
     out += [f"  {k:<22} {tuple(v)}" for k, v in r.shapes.items()]
     out.append(f"loss {r.loss:.5f}, learning rate {r.lr:g}")
-    out.append(f"trainable tensor: the whole embedding matrix {r.matrix[0]} x {r.matrix[1]}; new rows {r.new_ids}")
-    out.append(f"rows with a non-zero gradient before the restore: {len(r.grad_rows)}")
-    for row, tok, n in r.grad_rows:
-        out.append(f"  row {row:>6}  {tok:<22} |grad| {n:.3e}" + ("   <- new token" if row in r.new_ids else ""))
-    out.append(f"rows the AdamW step moved (gradient and weight decay), before the restore: {len(r.moved_rows)}")
-    out.append(f"rows changed after the restore: {r.changed_rows} (only the new token's)")
+    tables = [{"name": "", "matrix": r.matrix, "new_ids": r.new_ids, "grad_rows": r.grad_rows,
+               "moved_rows": r.moved_rows, "changed_rows": r.changed_rows}] + list(r.others or [])
+    for t in tables:
+        which = f" of the second text encoder ({t['name']})" if t["name"] else ""
+        out.append(f"trainable tensor: the whole embedding matrix{which} {t['matrix'][0]} x {t['matrix'][1]}; "
+                   f"new rows {t['new_ids']}")
+        out.append(f"rows with a non-zero gradient before the restore: {len(t['grad_rows'])}")
+        for row, tok, n in t["grad_rows"]:
+            out.append(f"  row {row:>6}  {tok:<22} |grad| {n:.3e}" + ("   <- new token" if row in t["new_ids"] else ""))
+        out.append(f"rows the AdamW step moved (gradient and weight decay), before the restore: {len(t['moved_rows'])}")
+        out.append(f"rows changed after the restore: {t['changed_rows']} (only the new token's)")
     return out

@@ -10,6 +10,10 @@ Autograd gives a gradient to every row used by the captions (their words, BOS, E
 to the new rows; AdamW would also decay all rows. So after every optimizer step `RowGuard.restore`
 copies rows 0..V-1 back from a copy taken at setup: only e_new ever changes, and at the end every
 model weight is bit-identical to the base model's.
+
+SDXL: the token gets new rows in BOTH tables (CLIP-L's and OpenCLIP bigG's, the same names in both tokenizers),
+both matrices are trainable and both guarded, so the two row sets learn together from the one loss (the U-Net
+sees both encoders' hidden states, and the second's pooled output); the file holds clip_l and clip_g.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import torch
 
 from sdknobs.errors import SdknobsError
 from sdknobs.ti.files import FORMATS, default_filename, save_embedding
-from sdknobs.ti.tokens import MAX_VECTORS, RowGuard, add_pseudo_tokens, check_token, initial_vectors, vector_names
+from sdknobs.ti.tokens import (MAX_VECTORS, RowGuard, add_pseudo_tokens_all, check_token, encoders, initial_vectors,
+                               vector_names)
 from sdknobs.training.trainer import Method, TrainConfig, _f
 
 # Caption templates of diffusers' textual_inversion.py (imagenet_templates_small / imagenet_style_templates_small).
@@ -92,24 +97,34 @@ class TIMethod(Method):
     def __init__(self, cfg: TITrainConfig):
         self.cfg = cfg
         self.needs_captions = cfg.template == "captions"
-        self.guard: RowGuard | None = None
+        self.guard: RowGuard | None = None  # the first (or only) table's; `guards`: one per text encoder
+        self.guards: list[RowGuard] = []
         self.names = vector_names(cfg.token, cfg.vectors)
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # rows in the first table; `ids_by_encoder` per table
+        self.ids_by_encoder: list[list[int]] = []
         self.init_vectors: torch.Tensor | None = None
         self.record_moved = False
         self.moved_rows: list[int] = []
+        self.moved_rows_by_encoder: list[list[int]] = []
 
     # --- Method interface ---
     def setup(self, model) -> None:
         cfg = self.cfg
-        check_token(model.tokenizer, cfg.token, cfg.vectors)
-        self.init_vectors = initial_vectors(model, cfg.vectors, cfg.init, cfg.init_word, cfg.seed)
-        self.ids = add_pseudo_tokens(model, cfg.token, self.init_vectors)
-        weight = model.text_encoder.get_input_embeddings().weight
-        self.guard = RowGuard(weight, self.ids)
+        encs = encoders(model)
+        if len(encs) > 1 and cfg.format == "a1111":
+            raise SdknobsError("--format a1111: an SDXL embedding is a .safetensors file with clip_l and clip_g (what "
+                               "A1111, ComfyUI and kohya read for SDXL); use --format kohya or diffusers")
+        for tok, _ in encs:
+            check_token(tok, cfg.token, cfg.vectors)
+        inits = [initial_vectors(model, cfg.vectors, cfg.init, cfg.init_word, cfg.seed, encoder=i) for i in range(len(encs))]
+        self.init_vectors = inits[0]
+        self.ids_by_encoder = add_pseudo_tokens_all(model, cfg.token, inits)
+        self.ids = self.ids_by_encoder[0]
+        self.guards = [RowGuard(enc.get_input_embeddings().weight, ids) for (_, enc), ids in zip(encs, self.ids_by_encoder)]
+        self.guard = self.guards[0]
 
     def parameters(self):
-        return [self.guard.weight]
+        return [g.weight for g in self.guards]
 
     def caption(self, text: str, example) -> str:
         cfg, tok = self.cfg, self.cfg.token
@@ -129,31 +144,51 @@ class TIMethod(Method):
         emb, _ = embed_text(model, captions, warn=False)  # expands <t> -> <t> <t>_1 ..., keeps autograd
         return emb
 
+    def encode(self, model, captions):
+        """(hidden states, pooled output or None) with autograd: the gradient reaches the new rows of every table."""
+        if len(self.guards) < 2:
+            return self.encode_text(model, captions), None
+        from sdknobs.text import embed_text_pooled
+
+        hidden, pooled, _ = embed_text_pooled(model, captions, warn=False)
+        return hidden, pooled
+
     def after_optimizer_step(self) -> None:
         if self.record_moved:  # for trace-step: which rows the optimizer step moved, before the restore
-            self.moved_rows = self.guard.changed_rows()
-        self.guard.restore()  # E[i] <- E_orig[i] for every row i not in self.ids
+            self.moved_rows_by_encoder = [g.changed_rows() for g in self.guards]
+            self.moved_rows = self.moved_rows_by_encoder[0]
+        for g in self.guards:
+            g.restore()  # E[i] <- E_orig[i] for every row i not in the token's ids, in each table
 
     def vectors(self) -> torch.Tensor:
         return self.guard.trained()
 
+    def all_vectors(self) -> list[torch.Tensor]:
+        """The trained rows of each table (SDXL: [clip_l, clip_g])."""
+        return [g.trained() for g in self.guards]
+
     def state_dict(self):
-        return {"vectors": self.vectors()}
+        keys = ("vectors", "vectors_2")
+        return {k: v for k, v in zip(keys, self.all_vectors())}
 
     def load_state_dict(self, sd):
-        v = sd["vectors"]
-        if tuple(v.shape) != (len(self.ids), self.guard.weight.shape[1]):
-            raise SdknobsError(f"checkpoint vectors are {tuple(v.shape)}, expected {(len(self.ids), self.guard.weight.shape[1])}")
-        with torch.no_grad():
-            self.guard.weight[self.ids] = v.to(self.guard.weight)
+        for key, g in zip(("vectors", "vectors_2"), self.guards):
+            v = sd.get(key)
+            want = (len(g.ids), g.weight.shape[1])
+            if v is None or tuple(v.shape) != want:
+                raise SdknobsError(f"checkpoint {key} are {None if v is None else tuple(v.shape)}, expected {want}")
+            with torch.no_grad():
+                g.weight[g.ids] = v.to(g.weight)
 
     def metadata(self) -> dict:
         c = self.cfg
         return {"token": c.token, "vectors": c.vectors, "init": c.init, "init_word": c.init_word if c.init == "word" else "",
-                "template": c.template, "text_width": self.guard.weight.shape[1] if self.guard else ""}
+                "template": c.template, "text_width": " ".join(str(g.weight.shape[1]) for g in self.guards)}
 
     def save(self, model, path, metadata):
-        return save_embedding(path, self.cfg.token, self.vectors(), format=self.cfg.format, metadata=metadata)
+        v = self.all_vectors()
+        return save_embedding(path, self.cfg.token, v[0], format=self.cfg.format, metadata=metadata,
+                              vectors_2=v[1] if len(v) > 1 else None)
 
 
 def train_ti(cfg: TITrainConfig, model=None, *, log=print):

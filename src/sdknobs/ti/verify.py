@@ -26,16 +26,19 @@ DEFAULT_PROMPTS = (
 )
 
 
-def weight_hashes(model, rows: int | None = None) -> dict[str, str]:
-    """{component/param: sha256} over every state_dict tensor; the token-embedding matrix is hashed on
-    its first `rows` rows only (None: all), so added rows can be left out."""
+def weight_hashes(model, rows: int | list[int] | None = None) -> dict[str, str]:
+    """{component/param: sha256} over every state_dict tensor; each token-embedding matrix (SDXL: both) is hashed
+    on its first `rows` rows only (an int, or one per text encoder; None: all), so added rows can be left out."""
+    from sdknobs.ti.tokens import encoders
+
     out = {}
-    embed = model.text_encoder.get_input_embeddings().weight
+    tables = [enc.get_input_embeddings().weight for _, enc in encoders(model)]
+    cut = {} if rows is None else {w.data_ptr(): r for w, r in zip(tables, rows if isinstance(rows, list) else [rows])}
     for cname, module in model.components().items():
         for key, t in module.state_dict().items():
             t = t.detach()
-            if rows is not None and cname == "text_encoder" and t.data_ptr() == embed.data_ptr():
-                t = t[:rows]
+            if t.data_ptr() in cut and cname.startswith("text_encoder"):
+                t = t[:cut[t.data_ptr()]]
             b = t.contiguous().cpu().view(torch.uint8).numpy().tobytes() if t.numel() else b""
             out[f"{cname}/{key}"] = hashlib.sha256(b + str(tuple(t.shape)).encode() + str(t.dtype).encode()).hexdigest()
     return out
@@ -59,11 +62,14 @@ class VerifyReport:
         return all(self.identical) and not self.weights_changed
 
     def lines(self) -> list[str]:
-        out = [f"embedding {self.token!r}: {self.n_vectors} vector(s), rows {self.new_rows} added"]
+        per = self.extra.get("rows_by_encoder") or [self.new_rows]
+        added = f"rows {self.new_rows}" if len(per) == 1 else \
+            ", ".join(f"rows {r} in {n}'s table" for r, n in zip(per, ("clip_l", "clip_g")))
+        out = [f"embedding {self.token!r}: {self.n_vectors} vector(s), {added} added"]
         for p, same in zip(self.prompts, self.identical):
             out.append(f"  {'identical' if same else 'DIFFERENT'}  {p!r}")
         out.append(f"weights: {self.weights_checked} tensors hashed, "
-                   + ("all unchanged (embedding matrix compared on its original rows)" if not self.weights_changed
+                   + (f"all unchanged (embedding matri{'x' if len(per) == 1 else 'ces'} compared on {'its' if len(per) == 1 else 'their'} original rows)" if not self.weights_changed
                       else f"CHANGED: {', '.join(self.weights_changed)}"))
         if self.token_prompt:
             out.append(f"with the token: {self.token_prompt!r} differs from the same prompt without the token "
@@ -95,7 +101,9 @@ def verify(model, source, *, prompts=None, steps: int = 10, seed: int = 0, guida
     if bad:
         raise SdknobsError(f"--prompts must not contain the token {emb.token!r} (found in {bad[0]!r}): "
                            f"they are the prompts that must stay unchanged")
-    rows = model.text_encoder.get_input_embeddings().weight.shape[0]
+    from sdknobs.ti.tokens import encoders
+
+    rows = [enc.get_input_embeddings().weight.shape[0] for _, enc in encoders(model)]
     before = weight_hashes(model)
     without = _render(model, prompts, steps, seed, guidance)
     # a prompt with the token: the first non-empty prompt with the token appended
@@ -110,5 +118,5 @@ def verify(model, source, *, prompts=None, steps: int = 10, seed: int = 0, guida
         emb.token, emb.n_vectors, prompts, [bool(np.array_equal(a, b)) for a, b in zip(without, with_)],
         len(before), changed, loaded.ids, token_prompt,
         float(np.abs(pair.astype(np.float32) - without[prompts.index(base)].astype(np.float32)).mean())
-        if base in prompts else 0.0,
+        if base in prompts else 0.0, extra={"rows_by_encoder": loaded.ids_by_encoder},
     )
