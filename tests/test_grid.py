@@ -250,3 +250,16 @@ def test_a1111_axis_labels_and_library_sheets(tiny, tiny_dir):
     sheets = run_grid(tiny, cfg.plan())
     assert len(sheets) == 2 and "Z Type: guidance" in sheets[1][1] and "Z Value: 2" in sheets[1][1]
     assert "Y Type" not in sheets[0][1] and sheets[0][0].size == sheets[1][0].size
+
+
+def test_sheet_size_and_memory_refused_before_sampling(tiny, tiny_dir, monkeypatch):
+    sampled = []
+    monkeypatch.setattr("sdknobs.grid.sample_cells", lambda *a, **k: sampled.append(1))
+    big = GridConfig(model=str(tiny_dir), prompt=P, x="seed=0-40", y="guidance=1-20", scale=64)
+    with pytest.raises(SdknobsError, match=r"--x/--y: a sheet of 41 x 20 cells of 2048x2048 px .* megapixels"):
+        run_grid(tiny, big.plan(), scale=64)
+    monkeypatch.setattr("sdknobs.model.available_memory", lambda device=None: 2**20)  # 1 MiB free
+    small = GridConfig(model=str(tiny_dir), prompt=P, x="seed=0-3", y="guidance=1,3")
+    with pytest.raises(SdknobsError, match=r"--x/--y: a sheet of 4 x 2 cells needs .* GiB of memory"):
+        run_grid(tiny, small.plan())
+    assert not sampled
