@@ -55,8 +55,10 @@ TEMPLATES = ("object", "style", "captions")
 class TITrainConfig(TrainConfig):
     """train-ti: the shared training options plus the token's."""
 
-    learning_rate: float = _f(5e-3, "AdamW peak learning rate (TI moves a few vectors: far higher than LoRA's; diffusers' "
-                                    "example, 5e-4 scaled by batch x accumulation 16, is 8e-3)")
+    METHOD = "ti"  # (not a field) the "training" section of sdknobs.json these defaults come from
+    learning_rate: float | None = _f(None, "AdamW peak learning rate (TI moves a few vectors: far higher than LoRA's; "
+                                           "diffusers' example, 5e-4 scaled by batch x accumulation 16, is 8e-3)",
+                                     type=float, fallback=5e-3)
     token: str = _f("", "the new word, e.g. '<my-shape>' (lowercase, not in the vocabulary yet)", required=True)
     init_word: str = _f("", "start from this word's vector (must be one token), e.g. 'shape'")
     init: str = _f("word", "word (start from --init-word) or random (vocabulary mean + std noise)")
