@@ -236,8 +236,7 @@ def _run(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, wi
     sched = make_scheduler(scheduler, model.scheduler_config)
     size = _size_conditioning(model, width, height) if size is None else size
     emb = encode_prompt(model, prompt, negative_prompt, guidance, batch)
-    added = (model.spec.added_cond(emb.uncond_pooled, width, height, **size) if emb.uncond is not None else None,
-             model.spec.added_cond(emb.cond_pooled, width, height, **size))  # (None, None) for SD1/SD2
+    added = emb.added_cond(model, width, height, **size)  # (None, None) for SD1/SD2
     f = model.vae_scale_factor
     shape = (emb.cond.shape[0], model.unet.config.in_channels, height // f, width // f)
     if seed + shape[0] - 1 > SEED_MAX:

@@ -43,6 +43,13 @@ class PromptEmbeds:
     cond_pooled: torch.Tensor | None = None  # [batch, projection] for families with a pooled output (SDXL), else None
     uncond_pooled: torch.Tensor | None = None
 
+    def added_cond(self, model, width: int, height: int, **size) -> tuple[dict | None, dict | None]:
+        """`loop.denoise`'s added_cond for these embeddings: (uncond's, cond's) U-Net added_cond_kwargs at this output
+        size (size: original_size, crop_top_left, target_size as `Family.added_cond`); (None, None) for SD1/SD2."""
+        spec = model.spec
+        return (spec.added_cond(self.uncond_pooled, width, height, **size) if self.uncond is not None else None,
+                spec.added_cond(self.cond_pooled, width, height, **size))
+
 
 def pseudo_tokens(tokenizer) -> dict[str, list[str]]:
     """Multi-vector pseudo-tokens in the tokenizer: {"<t>": ["<t>", "<t>_1", ...]} for every added

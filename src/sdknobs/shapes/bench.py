@@ -63,7 +63,8 @@ def sample(model, prompts: list[str], *, steps=30, guidance=3.0, seed=0, batch=5
         shape = (len(chunk), model.unet.config.in_channels, side // f, side // f)
         g = torch.Generator(device=model.device).manual_seed(seed + j)
         x, _ = denoise(model.unet, make_scheduler(scheduler, model.scheduler_config), emb.cond, emb.uncond,
-                       steps=steps, guidance=guidance, shape=shape, generator=g, progress=False)
+                       steps=steps, guidance=guidance, shape=shape, generator=g, progress=False,
+                       added_cond=emb.added_cond(model, side, side))  # SDXL's pooled output and size ids
         out += decode(model, x)
     return out
 
