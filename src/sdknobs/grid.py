@@ -487,7 +487,7 @@ def _titles(plan: Plan, cw: int):
     nx, ny, _ = plan.shape
     x, y = plan.slot(0), plan.slot(1)
     cols = [_fit(x.title(v), cw + 4) for v in x.values]
-    rows = [_fit(y.title(v), 8 * 40) for v in y.values] if y else None
+    rows = [_fit(y.title(v), _CHAR_W * 40) for v in y.values] if y else None  # 40 characters at most
     return cols, rows
 
 
