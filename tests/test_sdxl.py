@@ -190,6 +190,33 @@ def test_bad_inputs(xl, xl_dir, xl_file, tmp_path, tiny):
         generate(tiny, PROMPT, original_size=(64, 64), steps=1, progress=False)
 
 
+def test_folder_refusals_and_fp16_vae(xl, xl_dir, tmp_path):
+    import copy
+    import dataclasses
+    import json
+    import shutil
+
+    from sdknobs.pipelines import decode, vae_dtype
+
+    bad = shutil.copytree(xl_dir, tmp_path / "no-te2")
+    shutil.rmtree(bad / "text_encoder_2")
+    with pytest.raises(SdknobsError, match="missing component folder.*text_encoder_2.*SDXL"):
+        load_model(bad)
+    index = json.loads((bad / "model_index.json").read_text())
+    (bad / "model_index.json").write_text(json.dumps({**index, "text_encoder": [None, None]}))
+    with pytest.raises(SdknobsError, match="SDXL refiner"):
+        load_model(bad)
+    lat = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    m16 = dataclasses.replace(xl, vae=copy.deepcopy(xl.vae).half())  # SDXL's force_upcast VAE in fp16
+    with vae_dtype(m16) as dt:
+        assert dt == torch.float32 and m16.vae.dtype == torch.float32
+    assert m16.vae.dtype == torch.float16
+    got = decode(m16, lat)[0]  # decoded in fp32 for the call, then back to fp16
+    assert m16.vae.dtype == torch.float16
+    assert got.tobytes() == decode(dataclasses.replace(m16, vae=m16.vae.float()), lat)[0].tobytes()
+    assert load_model(xl_dir, prediction_type="v_prediction").prediction_type == "v_prediction"
+
+
 def test_cli_info_generate_and_png(xl_dir, tmp_path, capsys):
     from sdknobs.cli import main
     from sdknobs.prompt import png_settings

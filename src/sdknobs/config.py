@@ -125,6 +125,11 @@ class SampleConfig:
         for name in ("width", "height"):
             if getattr(self, name):  # 0 = the model's or the image's own size
                 check_multiple(f"--{name}", getattr(self, name), 8)
+        for name, least in (("original_size", 1), ("crop_top_left", 0), ("target_size", 1)):  # before the model loads
+            v = getattr(self, name)
+            if v and (len(v) != 2 or min(v) < least):
+                raise SdknobsError(f"--{name.replace('_', '-')} takes two whole numbers >= {least} "
+                                   f"({'X Y' if not least else 'W H'}), got {' '.join(map(str, v))}")
 
     def sample_kwargs(self) -> dict:
         return dict(negative_prompt=self.negative_prompt, steps=self.steps, guidance=self.guidance,
