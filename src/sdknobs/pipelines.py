@@ -237,6 +237,9 @@ def _run(model, prompt, negative_prompt, *, steps, guidance, scheduler, seed, wi
     size = _size_conditioning(model, width, height) if size is None else size
     emb = encode_prompt(model, prompt, negative_prompt, guidance, batch)
     added = emb.added_cond(model, width, height, **size)  # (None, None) for SD1/SD2
+    if added[1] is not None and model.extra.get("jit"):
+        log.warning("--jit: the frozen U-Net takes no added conditioning (%s's pooled text and size ids); "
+                    "sampling with the eager U-Net", model.family)
     f = model.vae_scale_factor
     shape = (emb.cond.shape[0], model.unet.config.in_channels, height // f, width // f)
     if seed + shape[0] - 1 > SEED_MAX:
