@@ -98,6 +98,7 @@ def files(tmp_path_factory, tiny_dir):
     mask = Image.new("L", (32, 32), 0)
     mask.paste(255, (16, 0, 32, 32))
     mask.save(d / "mask.png")
+    mask.resize((16, 16)).save(d / "small_mask.png")
     write_lora(random_lora(load_model(tiny_dir)), d / "loras" / "style.safetensors")
     return d
 
@@ -173,6 +174,18 @@ def test_inpaint_lora_tag_and_mask_blur_cells_equal_pipeline_calls(tiny, tiny_di
     assert "lora" not in tiny.extra  # applied for each cell only
 
 
+def test_only_masked_cells_equal_pipeline_calls(tiny, tiny_dir, files):
+    image, mask = Image.open(files / "in.png").convert("RGB"), Image.open(files / "mask.png").convert("L")
+    cfg = GridConfig(model=str(tiny_dir), prompt=P, steps=3, image="x", mask="y", only_masked=True, padding=4,
+                     x="seed=1,2")
+    got = _grid_cells(tiny, cfg, image, mask)
+    one = inpaint(tiny, image, mask, P, only_masked=True, padding=4, steps=3, seed=2, progress=False)
+    assert np.array_equal(np.asarray(got[(1, 0, 0)].images[0]), np.asarray(one.images[0]))
+    assert got[(1, 0, 0)].parameters == one.parameters
+    plain = inpaint(tiny, image, mask, P, steps=3, seed=2, progress=False)  # the flag reaches the cells
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(one.images[0]))
+
+
 def test_prompt_sr_cells(tiny, tiny_dir):
     cfg = GridConfig(model=str(tiny_dir), prompt=P, negative_prompt="red noise", steps=3, x="prompt=red,blue,")
     got = _grid_cells(tiny, cfg)
@@ -218,13 +231,15 @@ BAD = [
     (["--x", "seed=0,1", "--cell-labels", "start"], ["--cell-labels start", "--image"]),
     (["--x", "seed=0,1", "--cell-labels", "all"], ["--cell-labels 'all'"]),
     (["--x", "seed=0,1", "--image", "{missing}"], ["--image", "no such file"]),
+    (["--x", "seed=0,1", "--image", "{in}", "--mask", "{small}"], ["--mask is 16x16", "--resize-mask"]),
+    (["--x", "seed=0,1", "--only-masked"], ["--only-masked", "needs --mask"]),
     (["--x", "  "], ["--x is empty"]),
 ]
 
 
 @pytest.mark.parametrize("argv,words", BAD)
 def test_bad_inputs_write_nothing(capsys, tiny_dir, files, tmp_path, argv, words):
-    subst = {"{in}": files / "in.png", "{lora}": files / "loras" / "style.safetensors", "{missing}": tmp_path / "no.png",
+    subst = {"{in}": files / "in.png", "{small}": files / "small_mask.png", "{lora}": files / "loras" / "style.safetensors", "{missing}": tmp_path / "no.png",
              "{jpg}": tmp_path / "out" / "g.jpg"}
     outdir = tmp_path / "out"
     code, out, err = run(capsys, "grid", *common(tiny_dir, outdir / "g.png"), "--save-cells",

@@ -265,6 +265,9 @@ class GridConfig(SampleConfig):
                                 shown="0.75 with --image, 1.0 with --mask")
     mask_blur: float | None = _f(None, "Gaussian radius in px of the inpaint paste-back (a mask-blur axis overrides it)",
                                  type=float, shown=MASK_BLUR_DEFAULT)
+    only_masked: bool = _f(False, "inpaint cells: only the mask's bounding box (+ --padding) at full resolution, pasted back")
+    padding: int = _f(32, "padding in px around the mask for --only-masked")
+    resize_mask: bool = _f(False, "resize a mask whose size differs from the image instead of failing")
     cell_labels: str = _f("none", "text under each cell: none, values (its axis values) or start (strength, start step "
                                   "and alpha_bar, as sweep-strength; needs --image)")
     save_cells: bool = _f(False, "also write every cell as NAME-x<i>-y<j>[-z<k>].png with its own parameters (each "
@@ -290,6 +293,12 @@ class GridConfig(SampleConfig):
             raise SdknobsError(f"--strength {self.strength:g} needs --image (img2img or inpaint)")
         if self.mask_blur is not None and not self.mask:
             raise SdknobsError(f"--mask-blur {self.mask_blur:g} needs --mask (inpaint)")
+        for flag, given in (("--only-masked", self.only_masked), ("--padding", self.padding != 32),
+                            ("--resize-mask", self.resize_mask)):
+            if given and not self.mask:
+                raise SdknobsError(f"{flag} is for inpainting cells: it needs --mask (and --image)")
+        if self.padding < 0:
+            raise SdknobsError(f"--padding must be >= 0, got {self.padding}")
         if self.cell_labels not in ("none", "values", "start"):
             raise SdknobsError(f"--cell-labels {self.cell_labels!r} is not known; choose none, values or start")
         if self.cell_labels == "start" and not self.image:
@@ -323,6 +332,8 @@ class GridConfig(SampleConfig):
             plan.base["strength"] = self.strength
         if self.mask_blur is not None:
             plan.base["mask_blur"] = self.mask_blur
+        if self.mask:
+            plan.base.update(only_masked=self.only_masked, padding=self.padding, resize_mask=self.resize_mask)
         plan.check()
         return plan
 
@@ -554,8 +565,9 @@ def run(model, plan: Plan, image=None, mask=None, scale: int = 0, cell_labels: s
         image, width, height = _prepare_image(model, image, plan.base.get("width"), plan.base.get("height"))
         if mask is not None:
             mask = mask.convert("L")
-            if mask.size != image.size:
-                raise SdknobsError(f"--mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}")
+            if mask.size != image.size and not plan.base.get("resize_mask"):
+                raise SdknobsError(f"--mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
+                                   f"pass --resize-mask to resize it")
     else:
         width, height = plan.base.get("width") or model.default_size, plan.base.get("height") or model.default_size
     scale = scale or max(1, 128 // min(width, height))
