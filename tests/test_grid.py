@@ -175,11 +175,12 @@ def test_inpaint_lora_tag_and_mask_blur_cells_equal_pipeline_calls(tiny, tiny_di
 
 
 def test_only_masked_cells_equal_pipeline_calls(tiny, tiny_dir, files):
-    image, mask = Image.open(files / "in.png").convert("RGB"), Image.open(files / "mask.png").convert("L")
-    cfg = GridConfig(model=str(tiny_dir), prompt=P, steps=3, image="x", mask="y", only_masked=True, padding=4,
+    image, mask = Image.open(files / "in.png").convert("RGB"), Image.new("L", (32, 32), 0)
+    mask.paste(255, (20, 20, 28, 28))  # a small box: --only-masked samples a 12x12 crop at 32x32
+    cfg = GridConfig(model=str(tiny_dir), prompt=P, steps=3, image="x", mask="y", only_masked=True, padding=2,
                      x="seed=1,2")
     got = _grid_cells(tiny, cfg, image, mask)
-    one = inpaint(tiny, image, mask, P, only_masked=True, padding=4, steps=3, seed=2, progress=False)
+    one = inpaint(tiny, image, mask, P, only_masked=True, padding=2, steps=3, seed=2, progress=False)
     assert np.array_equal(np.asarray(got[(1, 0, 0)].images[0]), np.asarray(one.images[0]))
     assert got[(1, 0, 0)].parameters == one.parameters
     plain = inpaint(tiny, image, mask, P, steps=3, seed=2, progress=False)  # the flag reaches the cells
