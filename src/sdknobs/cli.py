@@ -107,7 +107,8 @@ def cmd_outpaint(cfg):
 
     _outputs(cfg.out, cfg.batch * cfg.batch_count, cfg.overwrite, cfg.grid)
     _batches(cfg, outpaint, load_image(cfg.image, "--image"), cfg.prompt, left=cfg.left, right=cfg.right, top=cfg.top,
-             bottom=cfg.bottom, overlap=cfg.overlap, fill=cfg.fill, strength=cfg.strength, mask_blur=cfg.mask_blur,
+             bottom=cfg.bottom, overlap=cfg.overlap, fill=cfg.fill, strength=cfg.strength, seam_strength=cfg.seam_strength,
+             mask_blur=cfg.mask_blur,
              width=None, height=None)
 
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from sdknobs.errors import SdknobsError
-from sdknobs.images import check_multiple
+from sdknobs.images import SEAM_STRENGTH, check_multiple
 from sdknobs.loop import SCHEDULERS, check_seed, check_strength
 
 
@@ -174,11 +174,20 @@ class OutpaintConfig(SampleConfig):
     right: int = _f(0, "px to add on the right")
     top: int = _f(0, "px to add at the top")
     bottom: int = _f(0, "px to add at the bottom")
-    overlap: int | None = _f(None, "px of the original, along each extended side, repainted too (hides the seam)",
+    overlap: int | None = _f(None, "px either side of each old edge that the second pass (--seam-strength) repaints, "
+                                   "so the seam blends; 0 skips that pass",
                              type=int, shown="1/8 of the image's width (left/right) or height (top/bottom), in whole "
                                              "latent cells: 4 px on a 32 px shapes picture, 64 px at 512 px")
-    fill: str = _f("edge", "how to fill the new area before inpainting: edge (repeat edge colours) or noise")
-    strength: float = _f(1.0, "denoising strength in the new area")
+    fill: str = _f("fill", "what the new area starts as (A1111's 'masked content'): fill = the mean colour of the "
+                           "image's outer border (A1111's fill); edge = the edge pixels repeated outwards; latent-noise "
+                           "(or noise) = pure latent noise, needs --strength 1 (A1111's latent noise). At --strength 1 "
+                           "the new area starts from latent noise with any fill, and the fill only sets what the VAE sees "
+                           "beside the seam (A1111's 'original' has nothing to keep in a new area, and its 'latent "
+                           "nothing' is latent noise at strength 1)")
+    strength: float = _f(1.0, "denoising strength in the new area (first pass; the original is kept whole)")
+    seam_strength: float = _f(SEAM_STRENGTH, "denoising strength of the second pass over the seam band (--overlap px either side "
+                                   "of each old edge), from the first pass's picture: blends the seam without drawing a "
+                                   "cut shape again; 0 skips it")
     mask_blur: float | None = _f(None, "Gaussian radius in px of the feathered paste-back", type=float,
                                  shown="1/128 of the extended canvas's shorter side: 4 px at 512 px")
 
@@ -190,8 +199,11 @@ class OutpaintConfig(SampleConfig):
                 raise SdknobsError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.left + self.right + self.top + self.bottom == 0:
             raise SdknobsError("nothing to extend: give --left, --right, --top or --bottom (px)")
-        if self.fill not in ("edge", "noise"):
-            raise SdknobsError(f"--fill {self.fill!r} is not known; choose edge or noise")
+        from sdknobs.images import check_fill
+
+        check_fill(self.fill)
+        if not 0 <= self.seam_strength <= 1:  # also refuses NaN
+            raise SdknobsError(f"--seam-strength must be in [0, 1], got {self.seam_strength}")
 
 
 @dataclass

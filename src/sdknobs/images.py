@@ -153,33 +153,87 @@ def mask_crop_box(mask: Image.Image, padding: int, aspect: float, multiple: int 
     return (int(max(0, np.floor(x0))), int(max(0, np.floor(y0))), int(min(W, np.ceil(x1))), int(min(H, np.ceil(y1))))
 
 
-def extend_canvas(image: Image.Image, left: int, right: int, top: int, bottom: int, overlap,
-                  fill: str = "edge", seed: int = 0) -> tuple[Image.Image, Image.Image]:
-    """A larger canvas with the image inside, the new border filled, and the mask to inpaint
-    (the new area plus `overlap` px into the original on each extended side; a pair is (left/right, top/bottom))."""
-    ox, oy = overlap if isinstance(overlap, (tuple, list)) else (overlap, overlap)
-    if min(left, right, top, bottom) < 0:
-        raise SdknobsError("outpaint: --left/--right/--top/--bottom must be >= 0")
+# Outpaint fills, by A1111's names for its 'masked content' where they are the same thing. At --strength 1 (the
+# default) the new area starts from pure latent noise whatever the fill (the sampler's own start, as diffusers'
+# inpainting at full strength), so a fill only sets what the VAE encoder sees beside the seam, and it must be
+# smooth: pixel noise there turns into streaks. At lower strength the new area starts from the fill.
+FILLS = {
+    "fill": "the mean colour of the image's outer 1/8 border (A1111's 'fill')",
+    "edge": "the edge pixels repeated outwards",
+    "latent-noise": "pure latent noise (A1111's 'latent noise'; needs --strength 1), over a 'fill' canvas for the VAE",
+}
+FILL_ALIASES = {"noise": "latent-noise", "latent noise": "latent-noise"}
+SEAM_STRENGTH = 0.5  # outpaint's second pass over the seam band (docs/outpainting.md measures it)
+
+
+def check_fill(fill: str) -> str:
+    """The fill's canonical name (aliases: noise = latent noise = latent-noise), or SdknobsError naming the choices."""
+    name = FILL_ALIASES.get(fill, fill)
+    if name not in FILLS:
+        raise SdknobsError(f"--fill {fill!r} is not known; choose {', '.join(FILLS)} (or noise = latent-noise)")
+    return name
+
+
+def border_colour(a: np.ndarray) -> np.ndarray:
+    """Mean colour of an image's outer border (1/8 of the shorter side, at least 1 px), as float RGB."""
+    b = max(1, min(a.shape[:2]) // 8)
+    ring = np.concatenate([a[:b].reshape(-1, 3), a[-b:].reshape(-1, 3), a[b:-b, :b].reshape(-1, 3),
+                           a[b:-b, -b:].reshape(-1, 3)])
+    return ring.astype(np.float64).mean(0)
+
+
+def canvas_size(size: tuple[int, int], left: int, right: int, top: int, bottom: int) -> tuple[int, int]:
+    """The outpaint canvas's (width, height), or SdknobsError for a negative, empty or too large extension (checked
+    before anything is allocated)."""
+    for name, v in (("left", left), ("right", right), ("top", top), ("bottom", bottom)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise SdknobsError(f"outpaint: --{name} must be a whole number of px >= 0, got {v!r}")
     if left + right + top + bottom == 0:
         raise SdknobsError("outpaint: nothing to extend; give --left, --right, --top or --bottom")
+    w, h = size[0] + left + right, size[1] + top + bottom
+    if w * h > MAX_PIXELS:
+        raise SdknobsError(f"outpaint: --left/--right/--top/--bottom make a {w}x{h} px canvas, past the "
+                           f"{MAX_PIXELS // 10**6} megapixels sdknobs handles; extend by less")
+    return w, h
+
+
+def extend_canvas(image: Image.Image, left: int, right: int, top: int, bottom: int, overlap,
+                  fill: str = "fill", seed: int = 0) -> tuple[Image.Image, Image.Image, Image.Image]:
+    """A larger canvas with the image inside and the new border filled (`FILLS`), and two masks (white = repaint):
+    the new area alone, and the seam band: `overlap` px either side of each extended edge (into the original and
+    into the new area; a pair is (left/right, top/bottom)). `seed` is unused by the smooth fills (kept for callers).
+    Outpainting repaints the new area at full strength with the whole original kept, then the band at a lower
+    strength, so a shape cut by the old edge is continued, not drawn a second time."""
+    fill = check_fill(fill)
+    ox, oy = overlap if isinstance(overlap, (tuple, list)) else (overlap, overlap)
+    canvas_size(image.size, left, right, top, bottom)
     W, H = image.size
-    a = np.asarray(image.convert("RGB"))
-    if fill == "edge":
-        canvas = np.pad(a, ((top, bottom), (left, right), (0, 0)), mode="edge")
-    elif fill == "noise":
-        rng = np.random.default_rng(seed)
-        canvas = rng.integers(0, 256, size=(H + top + bottom, W + left + right, 3), dtype=np.uint8)
-        canvas[top : top + H, left : left + W] = a
-    else:
-        raise SdknobsError(f"outpaint: --fill {fill!r} is not known; choose edge or noise")
     keep = (left + (ox if left else 0), top + (oy if top else 0),
             left + W - (ox if right else 0), top + H - (oy if bottom else 0))
     if min(ox, oy) < 0 or keep[2] <= keep[0] or keep[3] <= keep[1]:
         raise SdknobsError(f"outpaint: --overlap {overlap if ox != oy else ox} leaves nothing of the {W}x{H} image to keep; it must be "
                            f">= 0 and less than the image's size (half of it where both opposite sides are extended)")
-    mask = Image.new("L", (canvas.shape[1], canvas.shape[0]), 255)
-    ImageDraw.Draw(mask).rectangle([keep[0], keep[1], keep[2] - 1, keep[3] - 1], fill=0)
-    return Image.fromarray(canvas), mask
+    a = np.asarray(image.convert("RGB"))
+    if fill == "edge":
+        canvas = np.pad(a, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    else:  # fill, and the canvas under latent noise: one smooth colour, nothing for the VAE to turn into streaks
+        colour = border_colour(a).round().astype(np.uint8)
+        canvas = np.broadcast_to(colour, (H + top + bottom, W + left + right, 3)).copy()
+        canvas[top : top + H, left : left + W] = a
+    size = (canvas.shape[1], canvas.shape[0])
+    new = Image.new("L", size, 255)
+    ImageDraw.Draw(new).rectangle([left, top, left + W - 1, top + H - 1], fill=0)
+    band = Image.new("L", size, 0)
+    d = ImageDraw.Draw(band)
+    if left and ox:
+        d.rectangle([max(0, left - ox), 0, left + ox - 1, size[1] - 1], fill=255)
+    if right and ox:
+        d.rectangle([left + W - ox, 0, min(size[0], left + W + ox) - 1, size[1] - 1], fill=255)
+    if top and oy:
+        d.rectangle([0, max(0, top - oy), size[0] - 1, top + oy - 1], fill=255)
+    if bottom and oy:
+        d.rectangle([0, top + H - oy, size[0] - 1, min(size[1], top + H + oy) - 1], fill=255)
+    return Image.fromarray(canvas), new, band
 
 
 def a1111_parameters(prompt: str, negative_prompt: str, **fields) -> str:

@@ -398,21 +398,46 @@ def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=None, only_ma
 @_with_prompt_tags
 @_with_embeddings
 @_with_lora
-def outpaint(model, image, prompt, *, left=0, right=0, top=0, bottom=0, overlap=None, fill="edge",
-             strength=1.0, mask_blur=None, **kwargs) -> Result:
-    """Outpainting: inpainting on a canvas extended by the given pixels on each side.
-    overlap: px of the original repainted along each extended side; None = `images.default_overlap` (1/8 of
-    the image's size across that side, in whole latent cells). mask_blur: None = that of the extended canvas."""
+def outpaint(model, image, prompt, *, left=0, right=0, top=0, bottom=0, overlap=None, fill="fill",
+             strength=1.0, seam_strength=im.SEAM_STRENGTH, mask_blur=None, **kwargs) -> Result:
+    """Outpainting in two inpainting passes on a canvas extended by the given pixels on each side (`images.extend_canvas`):
+    1. the new area alone at `strength` (1: from pure latent noise), the whole original kept on its noise path;
+    2. the seam band, `overlap` px either side of each old edge, at `seam_strength` from pass 1's picture: the seam
+       blends, and a shape the old edge cuts keeps its outline instead of being drawn again beside it (0 skips it).
+    fill: `images.FILLS` (noise = latent-noise). overlap: None = `images.default_overlap` (1/8 of the image's size
+    across that side, in whole latent cells). mask_blur: None = that of the extended canvas. Both passes use the seed
+    (image i of a batch: seed + i). extra: canvas, mask (all that may change: new area + band inside the original),
+    new_mask, band_mask, first_pass (pass 1's pictures), raw (pass 1's before paste-back)."""
     image, _, _ = _prepare_image(model, image, None, None)
+    fill = im.check_fill(fill)
+    if not (math.isfinite(seam_strength) and 0 <= seam_strength <= 1):
+        raise SdknobsError(f"--seam-strength must be a finite number in [0, 1], got {seam_strength}")
+    if fill == "latent-noise" and strength != 1:
+        raise SdknobsError(f"--fill latent-noise starts the new area from pure noise, which is --strength 1, got "
+                           f"--strength {strength}; use --fill fill or edge to start from a filled canvas")
     if overlap is None:
         overlap = im.default_overlap(image.width, image.height, model.vae_scale_factor)
-    canvas, mask = im.extend_canvas(image, left, right, top, bottom, overlap, fill, seed=kwargs.get("seed", 0))
-    for name, v in (("width", canvas.width), ("height", canvas.height)):
+    size = im.canvas_size(image.size, left, right, top, bottom)
+    for name, v in zip(("width", "height"), size):
         if v % model.size_multiple:
             raise SdknobsError(f"outpaint: the extended canvas {name} is {v}, not a multiple of {model.size_multiple}; "
                                f"change the extension by {(-v) % model.size_multiple} px")
-    res = inpaint(model, canvas, mask, prompt, strength=strength, mask_blur=mask_blur, **kwargs)
-    res.extra.update(canvas=canvas, mask=mask)
+    check_memory(model, *size, kwargs.get("batch", 1))  # before the canvas is built
+    canvas, new, band = im.extend_canvas(image, left, right, top, bottom, overlap, fill)
+    seed = resolve_seed(kwargs.pop("seed", 0))  # -1: drawn once, for both passes
+    res = inpaint(model, canvas, new, prompt, strength=strength, mask_blur=mask_blur, seed=seed, **kwargs)
+    first = list(res.images)
+    if seam_strength > 0 and band.getbbox() is not None and strength > 0:
+        kw = {k: v for k, v in kwargs.items() if k != "batch"}
+        res.images = [inpaint(model, pic, band, prompt, strength=seam_strength, mask_blur=mask_blur, seed=seed + i,
+                              **kw).images[0] for i, pic in enumerate(first)]
+    o = overlap if isinstance(overlap, (tuple, list)) else (overlap, overlap)
+    more = f", Outpaint fill: {fill}, Overlap: {o[0]} {o[1]}, Seam strength: {seam_strength}"
+    res.parameters = [p + more for p in res.parameters]
+    from PIL import ImageChops
+
+    mask = ImageChops.lighter(new, band)
+    res.extra.update(canvas=canvas, mask=mask, new_mask=new, band_mask=band, first_pass=first)
     return res
 
 

@@ -237,6 +237,9 @@ def register_cli(sub) -> None:
     a.add_argument("--failures", default="", help="also write the VAE tier's misread pictures here (PNG)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --failures file")
     a.set_defaults(func=_cmd_analyzers, config=None)
+    from sdknobs.shapes import outpaint_bench
+
+    outpaint_bench.register(bsub)  # `bench outpaint`: seams, duplicated shapes, noise streaks (issue 12)
 
 
 def _cmd_quality(args) -> None:
