@@ -41,14 +41,15 @@ def xl_file(xl, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def xl_pipes(xl_dir):
+def xl_pipes(xl):
+    """diffusers' SDXL pipelines on the same modules (the folder itself is read by diffusers in the round-trip test)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    base = StableDiffusionXLPipeline.from_pretrained(xl_dir)
-    parts = {k: getattr(base, k) for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
-                                           "scheduler")}
-    out = {"txt2img": base, "img2img": StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=False),
+    parts = {k: getattr(xl, k) for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet")}
+    parts["scheduler"] = make_scheduler("ddim", xl.scheduler_config)
+    out = {"txt2img": StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True),
+           "img2img": StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=False),
            "inpaint": StableDiffusionXLInpaintPipeline(**parts, requires_aesthetics_score=False)}
     for p in out.values():
         p.set_progress_bar_config(disable=True)
@@ -137,12 +138,14 @@ def test_loader_round_trip_folder_and_single_file(xl, xl_dir, xl_file):
     assert any(k.startswith("conditioner.embedders.0.transformer.text_model.") for k in keys)
     assert "conditioner.embedders.1.model.text_projection" in keys and "model.diffusion_model.label_emb.0.0.weight" in keys
     ref = StableDiffusionXLPipeline.from_single_file(str(xl_file), config=str(xl_dir), local_files_only=True)
+    folder = StableDiffusionXLPipeline.from_pretrained(xl_dir)  # and diffusers reads our folder
+    assert folder.config.force_zeros_for_empty_prompt and folder.tokenizer_2.pad_token == "!"
     again = load_model(xl_file, config=xl_dir)
     assert again.family == "sdxl" and again.text_widths == [32, 64]
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        a, b, c = (getattr(m, name).state_dict() for m in (xl, again, ref))
-        assert a.keys() == b.keys() == c.keys()
-        assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a), name
+        a, b, c, d = (getattr(m, name).state_dict() for m in (xl, again, ref, folder))
+        assert a.keys() == b.keys() == c.keys() == d.keys()
+        assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) and torch.equal(a[k], d[k]) for k in a), name
     kw = dict(steps=3, guidance=4.0, scheduler="euler", seed=1, width=32, height=32, batch=1, progress=False)
     assert torch.equal(_run(xl, PROMPT, "", **kw)[0], _run(again, PROMPT, "", **kw)[0])
 
