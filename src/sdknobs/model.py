@@ -320,8 +320,12 @@ def _folder_family(path: Path, index: dict):
     has one), else the one-encoder description. An SDXL refiner (text_encoder_2 only) is refused by name."""
     from sdknobs.families import SD1, SDXL
 
-    two = bool(index.get("text_encoder_2", [None])[0]) if "text_encoder_2" in index else (path / "text_encoder_2").is_dir()
-    if two and "text_encoder" in index and not (index["text_encoder"] or [None])[0]:
+    def named(key):  # model_index.json lists a component as [library, class], or [null, null] / null when absent
+        v = index.get(key)
+        return bool(v[0] if isinstance(v, (list, tuple)) and v else v)
+
+    two = named("text_encoder_2") if "text_encoder_2" in index else (path / "text_encoder_2").is_dir()
+    if two and "text_encoder" in index and not named("text_encoder"):
         raise SdknobsError(f"model folder {path}: an SDXL refiner (text_encoder_2 only, model_index.json "
                            f"{index.get('_class_name', '?')}); sdknobs loads SDXL base models, not refiners")
     return SDXL if two else SD1
