@@ -65,3 +65,11 @@ def half_mask():
     m = Image.new("L", (32, 32), 0)
     ImageDraw.Draw(m).rectangle([16, 0, 31, 31], fill=255)
     return m
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_dir(tmp_path_factory):
+    """A tiny random SDXL-shaped model (two text encoders 32 and 64 wide, 32x32 px) saved as a diffusers folder."""
+    from sdknobs.tiny import write_tiny_sdxl_model
+
+    return write_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)

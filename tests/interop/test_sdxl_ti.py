@@ -17,10 +17,8 @@ ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def xl_dir(tmp_path_factory):
-    from sdknobs.tiny import write_tiny_sdxl_model
-
-    return write_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+def xl_dir(tiny_xl_dir):
+    return tiny_xl_dir  # tests/conftest.py: one tiny random SDXL folder for the session
 
 
 @pytest.fixture(scope="module")

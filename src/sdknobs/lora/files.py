@@ -204,7 +204,7 @@ def _read_kohya(path, sd, xl: bool = False, layout=None) -> LoraWeights:
     from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
                                                          _maybe_map_sgm_blocks_to_diffusers)
 
-    from sdknobs.lora.keys import KOHYA_TE, KOHYA_UNET, KOHYA_UNET_SGM, UNET_MODULE, UNET_MODULE_XL, sgm_name
+    from sdknobs.lora.keys import KOHYA_TE, KOHYA_UNET_SGM, UNET_MODULE, UNET_MODULE_XL, sgm_name
 
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
