@@ -151,3 +151,49 @@ def test_sd1_lora_on_sdxl_and_the_reverse_name_both_families(xl, tiny, tmp_path)
     except SdknobsError as e:
         msg = str(e)
     assert "\n" not in msg and re.search(r"SDXL.*SD1\.x/SD2\.x", msg), msg
+
+
+# --- ComfyUI's and A1111's rules for SDXL (encoded, see peers.py for the SD1 ones) ----------------------------------
+
+def comfy_sdxl_key_map(model) -> dict[str, str]:
+    """ComfyUI comfy/lora.py, SDXL: model_lora_keys_unet maps 'lora_unet_' + every diffusion_model.* weight's SGM
+    path with '_' (A1111's networks.py finds the same module by replacing lora_unet with diffusion_model in its
+    network_layer_mapping); model_lora_keys_clip maps lora_te1_ to clip_l and lora_te2_ to clip_g,
+    text_model_encoder_layers_{b}_{c} for b < 32 and LORA_CLIP_MAP's c. The SGM names come from sdknobs'
+    single-file writer (whose files diffusers' from_single_file reads, tests/test_sdxl.py), mapped back by storage."""
+    from sdknobs.single_file import ldm_state_dict
+
+    from .peers import LORA_CLIP_MAP, te_name
+
+    def ident(t):
+        return t.data_ptr(), tuple(t.shape)
+
+    diffusers_of = {ident(t): f"unet.{k[:-len('.weight')]}" for k, t in model.unet.state_dict().items()
+                    if k.endswith(".weight")}
+    km = {}
+    for k, t in ldm_state_dict(model.text_encoder, model.unet, model.vae, "sdxl", model.text_encoder_2).items():
+        if k.startswith("model.diffusion_model.") and k.endswith(".weight") and ident(t) in diffusers_of:
+            km["lora_unet_" + k[len("model.diffusion_model."):-len(".weight")].replace(".", "_")] = diffusers_of[ident(t)]
+    for i, comp in enumerate(("text_encoder", "text_encoder_2")):
+        names = {te_name(n) for n, _ in getattr(model, comp).named_modules() if n}
+        for b in range(32):
+            for c, kc in LORA_CLIP_MAP.items():
+                if f"text_model.encoder.layers.{b}.{c}" in names:
+                    km[f"lora_te{i + 1}_text_model_encoder_layers_{b}_{kc}"] = f"{comp}.text_model.encoder.layers.{b}.{c}"
+    return km
+
+
+def test_comfyui_and_a1111_rules_place_every_key_of_our_sdxl_kohya_file(xl, files, lora):
+    sd = load_file(str(files["kohya"]))
+    used, worst = set(), 0.0
+    for x, layer in comfy_sdxl_key_map(xl).items():
+        if f"{x}.lora_up.weight" not in sd:
+            continue
+        up, down = sd[f"{x}.lora_up.weight"], sd[f"{x}.lora_down.weight"]
+        scale = float(sd[f"{x}.alpha"]) / down.shape[0]  # LoRAAdapter.calculate_weight: alpha / mat2.shape[0]
+        got = (up.float().flatten(1) @ down.float().flatten(1)) * scale
+        want = lora.layers[layer].delta().flatten(1)
+        worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+        used |= {f"{x}.lora_up.weight", f"{x}.lora_down.weight", f"{x}.alpha"}
+    assert set(sd) == used, sorted(set(sd) - used)[:4]  # no key left unloaded ('lora key not loaded')
+    assert worst < 1e-5
