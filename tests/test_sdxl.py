@@ -121,6 +121,15 @@ def test_prompt_weights_and_chunks_per_encoder(xl, xl_pipes):
         want.append(z * (part.double().mean() / z.mean()))
     torch.testing.assert_close(emb.cond.double(), torch.cat(want, -1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(emb.cond_pooled, pooled, atol=1e-6, rtol=0)
+    _, neg, _, neg_pooled = pipe.encode_prompt("a red circle", negative_prompt="", do_classifier_free_guidance=True)
+    xl.extra["force_zeros_for_empty_prompt"] = False  # a folder that says so: "" is encoded, as diffusers does
+    try:
+        e0 = encode_prompt(xl, "a red circle", "", guidance=3.0)
+    finally:
+        xl.extra["force_zeros_for_empty_prompt"] = True
+    torch.testing.assert_close(e0.uncond, neg, atol=1e-6, rtol=0)
+    torch.testing.assert_close(e0.uncond_pooled, neg_pooled, atol=1e-6, rtol=0)
+    assert e0.uncond.abs().max() > 0 and not encode_prompt(xl, "a red circle", "", guidance=3.0).uncond.any()
     long = " ".join(["red circle blue square"] * 25)  # 100 tokens, no commas: two chunks, the first = diffusers' window
     e2 = encode_prompt(xl, long, guidance=1.0)
     ref, _, ref_pooled, _ = pipe.encode_prompt(long, do_classifier_free_guidance=False)
@@ -228,6 +237,8 @@ def test_cli_info_generate_and_png(xl_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "family:           sdxl" in out and "text encoder:     width 32" in out
     assert "text encoder 2:   width 64" in out and "pooled projection 32" in out
+    assert main(["info", "--model", str(xl_dir), "--prediction-type", "v_prediction"]) == 0
+    assert "prediction type:  v_prediction (--prediction-type)" in capsys.readouterr().out
     png = tmp_path / "a.png"
     assert main(["generate", "--model", str(xl_dir), "--prompt", "a red circle", "--steps", "2", "--original-size",
                  "64", "48", "--crop-top-left", "4", "2", "--out", str(png)]) == 0
