@@ -197,3 +197,20 @@ def test_comfyui_and_a1111_rules_place_every_key_of_our_sdxl_kohya_file(xl, file
         used |= {f"{x}.lora_up.weight", f"{x}.lora_down.weight", f"{x}.alpha"}
     assert set(sd) == used, sorted(set(sd) - used)[:4]  # no key left unloaded ('lora key not loaded')
     assert worst < 1e-5
+
+
+def test_peft_file_of_an_sdxl_unet_is_read(xl_dir, tmp_path):
+    """peft's own save (get_peft_model_state_dict: bare module paths) with its adapter_config.json beside it."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
+
+    m = load_model(xl_dir, device="cpu", dtype="fp32")
+    cfg = LoraConfig(r=2, lora_alpha=6, target_modules=["attn2.to_q", "attn2.to_k"], init_lora_weights=False)
+    inject_adapter_in_model(cfg, m.unet)
+    save_file(get_peft_model_state_dict(m.unet), str(tmp_path / "adapter_model.safetensors"))
+    cfg.save_pretrained(str(tmp_path))
+    w = read_lora(tmp_path / "adapter_model.safetensors", model=m)
+    assert w.format == "peft" and w.architecture == "SDXL" and w.layers
+    for key, f in w.layers.items():
+        mod = m.unet.get_submodule(key.split(".", 1)[1])
+        torch.testing.assert_close(f.delta(), mod.get_delta_weight("default").detach(), atol=1e-6, rtol=1e-5)
