@@ -32,6 +32,7 @@ import torch
 
 from sdknobs.atomic import save_safetensors
 from sdknobs.errors import SdknobsError
+from sdknobs.families import SDXL
 from sdknobs.model import ASSETS, Model
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ CLIP_EMB = CLIP + "text_model.embeddings.token_embedding.weight"  # (49408, 768)
 OPEN_CLIP_EMB = OPEN_CLIP + "token_embedding.weight"  # (49408, 1024)
 CONTEXT_KEY = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"  # (320, text width)
 FAMILIES = {("clip", 768): "SD1.x", ("open_clip", 1024): "SD2.x"}
-XL_CLIP, XL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."  # SDXL's two encoders
+XL_CLIP, XL_OPEN_CLIP = SDXL.ldm_text_prefixes  # SDXL's two encoders: conditioner.embedders.0.transformer. / .1.model.
 XL_CLIP_EMB = XL_CLIP + "text_model.embeddings.token_embedding.weight"  # (49408, 768)
 XL_OPEN_CLIP_EMB = XL_OPEN_CLIP + "token_embedding.weight"  # (49408, 1280)
 XL_TEXT = "conditioner.embedders."
