@@ -8,13 +8,15 @@ layout) and everything else asks it:
   (`pooled_from`);
 - added conditioning: SDXL's U-Net takes `added_cond_kwargs = {"text_embeds": pooled, "time_ids": ...}` with
   time ids (original H, W, crop top, left, target H, W) (`added_cond`);
-- defaults: sampling settings, `force_zeros_for_empty_prompt` (diffusers' SDXL rule: an empty negative prompt
+- defaults: `force_zeros_for_empty_prompt` (diffusers' SDXL rule: an empty negative prompt
   is a zero embedding, not the encoded empty string), the diffusers pipeline class a saved folder names;
 - single-file layout: the key prefixes of its text encoders in the original (LDM / SGM) layout.
+Sampling defaults per family (guidance, steps, scheduler) are `model.SAMPLING_DEFAULTS`, beside the sdknobs.json
+reader that overrides them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +33,6 @@ class Family:
     size_conditioning: bool = False  # U-Net takes added_cond_kwargs {"text_embeds", "time_ids"}
     force_zeros_for_empty_prompt: bool = False  # default when the folder does not say
     pipeline_class: str = "StableDiffusionPipeline"
-    sampling: dict = field(default_factory=lambda: {"guidance": 7.5, "steps": 30, "scheduler": "ddim"})
     ldm_text_prefixes: tuple[str, ...] = ("cond_stage_model.",)
 
     @property
@@ -75,7 +76,6 @@ SD2 = Family("SD2.x")
 SDXL = Family(
     "sdxl", encoders=("text_encoder", "text_encoder_2"), tokenizers=("tokenizer", "tokenizer_2"), hidden_layer=-2,
     pooled_from=1, size_conditioning=True, force_zeros_for_empty_prompt=True, pipeline_class="StableDiffusionXLPipeline",
-    sampling={"guidance": 5.0, "steps": 30, "scheduler": "euler"},
     ldm_text_prefixes=("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."))
 FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
 
