@@ -59,9 +59,9 @@ class SampleConfig:
     steps: int | None = _f(None, "number of sampler steps (img2img runs int(steps * strength) of them)", type=int,
                            shown=MODEL_DEFAULT.format("30 for shapes and SD1.x/SD2.x"))
     guidance: float | None = _f(None, "classifier-free guidance scale; 1.0 skips the unconditional pass", type=float,
-                                shown=MODEL_DEFAULT.format("3 for shapes, 7.5 for SD1.5"))
+                                shown=MODEL_DEFAULT.format("3 for shapes, 7.5 for SD1.5, 5 for SDXL"))
     scheduler: str | None = _f(None, f"sampler: {', '.join(SCHEDULERS)}", type=str,
-                               shown=MODEL_DEFAULT.format("ddim for shapes and SD1.x/SD2.x"))
+                               shown=MODEL_DEFAULT.format("ddim for shapes and SD1.x/SD2.x, euler for SDXL"))
     width: int = _f(0, "output width in px, a multiple of 8 (0: the model's or the image's size)")
     height: int = _f(0, "output height in px, a multiple of 8 (0: the model's or the image's size)")
     batch: int = _f(1, "images per prompt (1..1024), sampled together; image i uses seed + i and records it")
