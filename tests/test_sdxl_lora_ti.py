@@ -140,7 +140,8 @@ def test_train_lora_on_sdxl_with_the_second_text_encoder(xl_dir, data, tmp_path)
     m = load_model(xl_dir, device="cpu", dtype="fp32")
     cfg = LoraTrainConfig(data_dir=str(data), out=str(tmp_path / "te2.safetensors"), model=str(xl_dir), steps=2,
                           learning_rate=5e-2, batch_size=2, rank=2, text_encoder=True, text_encoders="2",
-                          validate_every=0, checkpoint_every=0, progress=False, format="diffusers")
+                          validate_every=0, checkpoint_every=0, progress=False, format="diffusers",
+                          gradient_checkpointing=True)
     res, _ = train_lora(cfg, m, log=lambda s: None)
     w = read_lora(res.out, model=m)
     comps = {k.split(".")[0] for k in w.layers}

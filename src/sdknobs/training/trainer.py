@@ -258,7 +258,8 @@ class _Session:
                                    f"and use --mixed-precision for half-precision compute")
         if any(id(p) in ids for p in model.vae.parameters()):
             raise SdknobsError(f"method {method.name!r} trains VAE weights; the trainer keeps the VAE frozen")
-        self.trainable_modules = [m for m in (model.unet, model.text_encoder) if any(id(p) in ids for p in m.parameters())]
+        self.trainable_modules = [m for name, m in model.components().items()  # (SDXL: text_encoder_2 too)
+                                  if name != "vae" and any(id(p) in ids for p in m.parameters())]
         self.n_params = sum(p.numel() for p in self.params)
         dist.broadcast(self.params)  # every process starts from rank 0's weights (as DDP does)
         # fused: one kernel per step for all tensors instead of ~10 ops per tensor (LoRA has ~100 small
