@@ -31,8 +31,9 @@ def register_cli(sub) -> None:
     t = lsub.add_parser("targets", help="list the layers a preset or regex selects, their shapes and LoRA parameter counts")
     model_args(t)
     t.add_argument("--preset", nargs="+", action="extend", default=None, metavar="PRESET_OR_REGEX",
-                   help="cross-attn (default), attn, attn-ff, conv, text-encoder, or a regex ('te:REGEX' for the text encoder)")
-    t.add_argument("--text-encoder", action="store_true", help="add the text-encoder preset")
+                   help="cross-attn (default), attn, attn-ff, conv, text-encoder, text-encoder-2 (SDXL's second), or a "
+                        "regex ('te:REGEX' for the text encoder, 'te2:REGEX' for SDXL's second)")
+    t.add_argument("--text-encoder", action="store_true", help="add the text-encoder preset (on SDXL: both encoders')")
     t.add_argument("--rank", type=int, default=4)
     t.set_defaults(func=cmd_targets, config=None)
 

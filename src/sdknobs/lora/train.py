@@ -40,7 +40,8 @@ class LoraTrainConfig(TrainConfig):
     rank: int | None = _f(None, "LoRA rank r (the bypass is B A with A: [r, in], B: [out, r])", type=int, fallback=4)
     alpha: float = _f(0.0, "LoRA alpha; the bypass is scaled by alpha / r (0 = alpha equals the rank, scale 1)")
     targets: list = _f([], f"layers: presets ({', '.join(PRESETS)}) and/or regexes over module names "
-                           f"('te:REGEX' for the text encoder); repeatable; none given = cross-attn", repeatable=True)
+                           f"('te:REGEX' for the text encoder, 'te2:REGEX' for SDXL's second); repeatable; none given = "
+                           f"cross-attn", repeatable=True)
     text_encoder: bool = _f(False, "also train LoRA layers on the text encoder's self-attention (preset text-encoder)")
     text_encoders: str = _f("both", f"with --text-encoder on SDXL (two text encoders): {', '.join(TEXT_ENCODER_CHOICES)} "
                                     f"(1 = CLIP-L, preset text-encoder; 2 = OpenCLIP bigG, preset text-encoder-2)")
