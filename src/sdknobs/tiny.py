@@ -183,7 +183,8 @@ def write_tiny_sdxl_model(path: str | Path, **kwargs) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sdknobs.tiny [--sdxl] [--seed N] OUT`: write a tiny random model folder (for trying commands)."""
+    """`python -m sdknobs.tiny [--sdxl] [--seed N] [--overwrite] OUT`: write a tiny random model folder (for trying
+    commands)."""
     import argparse
     import sys
 
@@ -194,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="the model folder to write (must not exist, or be empty)")
     p.add_argument("--sdxl", action="store_true", help="an SDXL-shaped model (two text encoders, size conditioning)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model folder already at OUT")
     a = p.parse_args(argv)
     try:
-        check_out_path(a.out, "OUT", False, folder=True)
+        check_out_path(a.out, "OUT", a.overwrite, folder=True)
         print((write_tiny_sdxl_model if a.sdxl else write_tiny_model)(a.out, seed=a.seed))
     except SdknobsError as e:
         print(f"sdknobs.tiny: error: {e}", file=sys.stderr)
