@@ -48,10 +48,11 @@ OVERRIDES: dict[str, list[str]] = {
     "dataset": ["--count", "4"],
     "dataset class": ["--count", "2", "--steps", "2"],
     "pretrain": ["--vae-steps", "2", "--vae-batch", "4", "--vae-warmup", "1", "--unet-steps", "2", "--unet-batch", "4",
-                 "--warmup-steps", "1", "--latent-pool", "24", "--val-size", "8", "--sample-steps", "2", "--samples", "2"],
+                 "--warmup-steps", "1", "--latent-pool", "24", "--val-size", "8", "--sample-steps", "2", "--samples", "2",
+                 "--threads", "1"],  # not a size: the test's one torch thread (conftest), as every other command here
     "bench quality": ["--steps", "2", "--n-single", "3", "--n-two", "2", "--n-baseline", "2"],
     "bench analyzers": ["--n", "4"],
-    "benchmarks/bench_lora_train.py": ["--steps", "2", "--warmup", "0", "--repeats", "1"],
+    "benchmarks/bench_lora_train.py": ["--steps", "2", "--warmup", "0", "--repeats", "1", "--batch-sizes", "1"],
     "benchmarks/bench_inference.py": ["--steps", "2", "--repeats", "1"],
 }
 
@@ -190,10 +191,12 @@ def overrides(key: list[str]) -> list[str]:
 
 
 def _in_process(argv: list[str], cwd: Path) -> tuple[int, str]:
+    import torch
+
     from sdknobs.cli import main
 
     buf = io.StringIO()
-    old = os.getcwd()
+    old, threads = os.getcwd(), torch.get_num_threads()
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
@@ -203,6 +206,7 @@ def _in_process(argv: list[str], cwd: Path) -> tuple[int, str]:
                 rc = e.code if isinstance(e.code, int) else 1
     finally:
         os.chdir(old)
+        torch.set_num_threads(threads)  # a command that sets its own (pretrain --threads) leaves the next alone
     return rc, buf.getvalue()
 
 
@@ -240,6 +244,14 @@ def run_sh(cmd: Command, cwd: Path, env: dict) -> tuple[int, str, str]:
     return (*_process(argv, cwd, {**env, **extra_env}), shlex.join(argv))
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (the load of other jobs on the machine left out)."""
+    import resource
+
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ch.ru_utime + ch.ru_stime
+
+
 def run_python(cmd: Command, cwd: Path) -> tuple[int, str]:
     import traceback
 
@@ -259,16 +271,13 @@ def run_python(cmd: Command, cwd: Path) -> tuple[int, str]:
     return rc, buf.getvalue()
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("page", [p for p, cs in ALL.items() if cs])
-def test_page_runs_top_to_bottom(page, tmp_path, monkeypatch):
-    work = tmp_path / "checkout"
-    work.mkdir()
+def run_page(page: str, tmp: Path) -> dict:
+    """Run one page's commands in order in a fresh folder under `tmp`; stop at the first that fails."""
+    work = tmp / "checkout"
+    work.mkdir(parents=True)
     for name in LINKED:
         (work / name).symlink_to(ROOT / name, target_is_directory=True)
-    xdg = tmp_path / "xdg"
-    monkeypatch.setenv("XDG_DATA_HOME", str(xdg))  # --lora-dir / --embedding-dir defaults: not the user's
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    os.environ["XDG_DATA_HOME"] = str(tmp / "xdg")  # --lora-dir / --embedding-dir defaults: not the user's
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     cmds = ALL[page]
@@ -276,19 +285,65 @@ def test_page_runs_top_to_bottom(page, tmp_path, monkeypatch):
     for rel, make in FIXTURES.items():
         if rel in text:
             make(work / rel)
-    timings = []
+    timings, failure = [], ""
     for cmd in cmds:
-        if cmd.lang == "sh" and cmd.text in SKIP:
-            continue
-        if cmd.lang == "sh" and synopsis(cmd.text):
-            continue  # test_command_blocks_hold_commands reports it
-        t = time.perf_counter()
+        if cmd.lang == "sh" and (cmd.text in SKIP or synopsis(cmd.text)):
+            continue  # synopsis lines: test_command_blocks_hold_commands reports them
+        t, cpu = time.perf_counter(), _cpu()
         if cmd.lang == "python":
             rc, out, ran = (*run_python(cmd, work), "python block")
         else:
             rc, out, ran = run_sh(cmd, work, env)
-        timings.append((time.perf_counter() - t, cmd.where()))
-        tail = "\n".join(out.strip().splitlines()[-15:])
-        assert rc == 0, f"{cmd.where()}: `{cmd.text}` exited {rc} (ran as: {ran})\n{tail}"
-    print(f"{page}: {len(timings)} commands; slowest:",
-          ", ".join(f"{w} {s:.1f}s" for s, w in sorted(timings, reverse=True)[:5]))
+        timings.append((time.perf_counter() - t, _cpu() - cpu, cmd.where()))
+        if rc != 0:
+            tail = "\n".join(out.strip().splitlines()[-15:])
+            failure = f"{cmd.where()}: `{cmd.text}` exited {rc} (ran as: {ran})\n{tail}"
+            break
+    summary = (f"{page}: {len(timings)} commands, {sum(t[0] for t in timings):.1f} s wall, "
+               f"{sum(t[1] for t in timings):.1f} s CPU; slowest (wall/CPU): "
+               + ", ".join(f"{w} {s:.1f}/{c:.1f}s" for s, c, w in sorted(timings, reverse=True)[:8]))
+    return {"failure": failure, "summary": summary}
+
+
+RUNNABLE = sorted((p for p, cs in ALL.items() if cs), key=lambda p: -len(ALL[p]))  # the longest first
+
+
+@pytest.fixture(scope="module")
+def page_runs(tmp_path_factory):
+    """Every page in its own process, two at a time (the machine's 2 cores; each process uses one torch thread):
+    page -> a future of run_page's result."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("docs")
+
+    def one(i: int, page: str) -> dict:
+        tmp, res = root / f"page{i}", root / f"page{i}.json"
+        p = subprocess.run([sys.executable, __file__, page, str(tmp), str(res)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=1200, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if not res.exists():
+            return {"failure": f"{page}: the page's runner died (exit {p.returncode}):\n{p.stdout[-3000:]}", "summary": ""}
+        return json.loads(res.read_text())
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)))
+    futures = {page: pool.submit(one, i, page) for i, page in enumerate(RUNNABLE)}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("page", RUNNABLE)
+def test_page_runs_top_to_bottom(page, page_runs):
+    r = page_runs[page].result()
+    print(r["summary"])
+    assert not r["failure"], r["failure"]
+
+
+if __name__ == "__main__":  # the runner of one page: python tests/test_docs.py PAGE TMP RESULT.json
+    import json
+
+    import torch
+
+    torch.set_num_threads(1)  # as conftest.py: tiny models, a shared 2-core machine
+    page_, tmp_, result_ = sys.argv[1:4]
+    Path(result_).write_text(json.dumps(run_page(page_, Path(tmp_))))
