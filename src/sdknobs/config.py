@@ -53,8 +53,9 @@ class SampleConfig:
                                    "--prompt")
     model: str = _f("shapes", "a diffusers folder, a single-file .safetensors checkpoint, or an embedded name (shapes)")
     model_config: str = _f("", "for a single-file checkpoint of another architecture: a diffusers folder with its configs")
-    prediction_type: str = _f("", "epsilon or v_prediction, over the model's (a single file's is guessed: metadata, "
-                                  "training step, weights; a 768 px SD2.x is v_prediction)")
+    prediction_type: str = _f("", "epsilon or v_prediction, over the model's (an SD2.x single file's is guessed: file "
+                                  "metadata, training step, else AUTOMATIC1111's test run of its U-Net)",
+                              shown="the model's")
     seed: int = _f(0, "random seed; the same seed and settings give the same picture; -1 draws one (recorded in the PNG)")
     steps: int | None = _f(None, "number of sampler steps (img2img runs int(steps * strength) of them)", type=int,
                            shown=MODEL_DEFAULT.format("30 for shapes and SD1.x/SD2.x"))
@@ -85,12 +86,12 @@ class SampleConfig:
                           "of --lora (default: $XDG_DATA_HOME/sdknobs/loras, else ~/.local/share/sdknobs/loras)")
     embedding_dir: str = _f("", "folder of embedding files for <embedding:NAME> in prompts, NAME = the file name "
                                "without its suffix (default: $XDG_DATA_HOME/sdknobs/embeddings)")
-    original_size: list = _f([], "SDXL size conditioning: the original picture size W H the model is told (A1111's and "
-                                 "diffusers' default: the output size)", type=int, nargs=2, metavar=("W", "H"))
-    crop_top_left: list = _f([], "SDXL size conditioning: the crop's top-left corner X Y (default: 0 0, uncropped)",
-                             type=int, nargs=2, metavar=("X", "Y"))
-    target_size: list = _f([], "SDXL size conditioning: the target size W H (default: the output size)", type=int,
-                           nargs=2, metavar=("W", "H"))
+    original_size: list = _f([], "SDXL size conditioning: the original picture size W H the model is told",
+                             type=int, nargs=2, metavar=("W", "H"), shown="the output size, as A1111 and diffusers")
+    crop_top_left: list = _f([], "SDXL size conditioning: the crop's top-left corner X Y", type=int, nargs=2,
+                             metavar=("X", "Y"), shown="0 0, uncropped")
+    target_size: list = _f([], "SDXL size conditioning: the target size W H", type=int, nargs=2, metavar=("W", "H"),
+                           shown="the output size")
 
     def __post_init__(self):
         check_numbers(self)
