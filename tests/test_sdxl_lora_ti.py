@@ -233,3 +233,26 @@ def test_ti_tools_on_sdxl(xl_dir, tmp_path, capsys):
     assert main(["ti", "trace-step", "--model", str(xl_dir), "--init-word", "star"]) == 0
     out = capsys.readouterr().out
     assert "of the second text encoder (clip_g)" in out and out.count("(only the new token's)") == 2
+
+
+def test_bad_sdxl_inputs_exit_2_and_write_nothing(tiny_dir, xl_dir, data, tmp_path, capsys):
+    from sdknobs.cli import main
+    from sdknobs.ti import save_embedding
+
+    out = tmp_path / "out"
+    emb = save_embedding(tmp_path / "one.safetensors", "<one>", torch.zeros(1, 32))
+    cases = [
+        (["train-lora", str(data), "--model", str(tiny_dir), "--text-encoder", "--text-encoders", "2", "--steps", "1",
+          "--out", str(out / "x.safetensors")], "only SDXL has a second"),
+        (["train-lora", str(data), "--model", str(xl_dir), "--text-encoders", "3", "--out", str(out / "y.safetensors")],
+         "--text-encoders '3'"),
+        (["train-ti", str(data), "--model", str(xl_dir), "--token", "<a-b>", "--init-word", "circle", "--format", "a1111",
+          "--steps", "1", "--out", str(out / "z.pt")], "an SDXL embedding is a .safetensors"),
+        (["generate", "--model", str(xl_dir), "--prompt", "a <one>", "--embedding", str(emb), "--steps", "1",
+          "--out", str(out / "e.png")], "is SDXL, with two text encoders"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, (argv, err)
+        assert not out.exists(), argv  # nothing written, not even the run folder
