@@ -1,7 +1,7 @@
 """Does the README's training commands work as written? Runs every `sdknobs train-lora` / `sdknobs train-ti`
 line of README.md's ```sh blocks, unchanged, in a fresh work folder (with the data folders they name, made
 as docs/lora.md and docs/textual_inversion.md make them), then scores what each trained file does with the
-exact analyzers (`shapes/analyze.py`) on held-out prompts:
+exact analyzers (`shapes/analyze.py`) on held-out prompts (the file's own `sdknobs dataset` lines run first):
 
     python -m sdknobs.training.readme [--work out/readme-check] [--n 48] [--readme README.md]
 
@@ -29,7 +29,8 @@ from pathlib import Path
 from sdknobs.errors import SdknobsError
 
 EVAL_SEEDS = {"style": 212, "subject": 211, "ti": 213}
-# how the docs make the data folders the README's commands read (docs/lora.md; the star set as ti.results does)
+# data folders the file's commands read and its own `sdknobs dataset` lines do not make: as docs/lora.md's
+# `sdknobs dataset` makes them (lora.results' data; the star set like ti.results')
 DATA = {
     "data/outline": dict(n=100, seed=1, styles=("outline",)),
     "data/hearts": dict(n=16, seed=1, kinds=("heart",), p_two=0),
@@ -37,17 +38,18 @@ DATA = {
 }
 
 
-def readme_commands(readme: Path) -> list[list[str]]:
-    """The train-lora / train-ti commands of the file's ```sh blocks, continuation lines joined, comments cut."""
+def readme_commands(readme: Path, commands=("train-lora", "train-ti")) -> list[list[str]]:
+    """The `sdknobs COMMAND` lines of the file's ```sh blocks (COMMAND in `commands`), continuation lines joined,
+    comments cut."""
     text = readme.read_text(encoding="utf-8")
     out = []
     for block in re.findall(r"```sh\n(.*?)```", text, re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
         for line in joined.splitlines():
             argv = shlex.split(line, comments=True)
-            if len(argv) >= 2 and argv[0] == "sdknobs" and argv[1] in ("train-lora", "train-ti"):
+            if len(argv) >= 2 and argv[0] == "sdknobs" and argv[1] in commands:
                 out.append(argv)
-    if not out:
+    if not out and "train-lora" in commands:
         raise SdknobsError(f"{readme}: no sdknobs train-lora / train-ti command in its ```sh blocks")
     return out
 
@@ -137,6 +139,11 @@ def main(argv=None) -> None:
     work.mkdir(parents=True)
     results = {"readme": str(readme), "commands": []}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    for argv_ in readme_commands(readme, ("dataset",)):  # the file's own data commands first (sdknobs dataset)
+        print(f"$ {shlex.join(argv_)}", flush=True)
+        p = subprocess.run([sys.executable, "-m", "sdknobs", *argv_[1:]], cwd=work, env=env, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SdknobsError(f"{shlex.join(argv_)} failed with exit code {p.returncode}: {p.stderr.strip()[-300:]}")
     for argv_ in cmds:
         data = _flag(argv_, "--data-dir") or argv_[2]
         if not (work / data).exists():
