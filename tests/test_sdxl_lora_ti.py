@@ -256,3 +256,22 @@ def test_bad_sdxl_inputs_exit_2_and_write_nothing(tiny_dir, xl_dir, data, tmp_pa
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, (argv, err)
         assert not out.exists(), argv  # nothing written, not even the run folder
+
+
+def test_diffusers_sdxl_ti_folder_reads_as_one_embedding(xl_dir, tmp_path):
+    """diffusers' textual_inversion_sdxl.py output: learned_embeds.safetensors + learned_embeds_2.safetensors."""
+    from safetensors.torch import save_file
+
+    from sdknobs.ti import load_embedding, read_embedding
+
+    v1, v2 = torch.randn(2, 32), torch.randn(2, 64)
+    save_file({"<d-xl>": v1}, str(tmp_path / "learned_embeds.safetensors"))
+    save_file({"<d-xl>": v2}, str(tmp_path / "learned_embeds_2.safetensors"))
+    e = read_embedding(tmp_path)
+    assert e.token == "<d-xl>" and e.widths == [32, 64] and torch.equal(e.vectors_2, v2)
+    m = load_model(xl_dir, device="cpu", dtype="fp32")
+    loaded = load_embedding(m, tmp_path)
+    torch.testing.assert_close(m.text_encoder_2.get_input_embeddings().weight[loaded.ids_by_encoder[1]], v2)
+    save_file({"<other>": v2}, str(tmp_path / "learned_embeds_2.safetensors"))
+    with pytest.raises(SdknobsError, match="for the same token"):
+        read_embedding(tmp_path)

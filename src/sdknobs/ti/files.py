@@ -12,6 +12,8 @@ Formats (what each tool reads and writes):
   .pt excepted: A1111 reads this file). diffusers loads it with two calls, one per encoder:
   `load_textual_inversion(sd["clip_g"], token=T, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)`
   and `load_textual_inversion(sd["clip_l"], token=T, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)`.
+  Read as well: the folder diffusers' textual_inversion_sdxl.py writes, learned_embeds.safetensors +
+  learned_embeds_2.safetensors ({token: [N, D]} for each encoder), as one SDXL embedding.
 AUTOMATIC1111, ComfyUI and kohya name an embedding after its file, so the default file name is the
 token without its brackets (`<star-shape>` -> `star-shape.safetensors`).
 
@@ -259,6 +261,22 @@ def _find_in_folder(path: Path) -> Path:
     return found[0]
 
 
+PAIR_2 = "learned_embeds_2.safetensors"  # diffusers' textual_inversion_sdxl.py: the second encoder's rows
+
+
+def _read_pair(folder: Path, token: str | None) -> EmbeddingFile:
+    """diffusers' SDXL textual-inversion output folder: learned_embeds.safetensors {token: [N, 768]} for the first
+    encoder and learned_embeds_2.safetensors {token: [N, 1280]} for the second, as one SDXL embedding."""
+    one, two = (read_embedding(folder / n, token) for n in ("learned_embeds.safetensors", PAIR_2))
+    if one.vectors_2 is not None or two.vectors_2 is not None or one.token != two.token:
+        raise SdknobsError(f"embedding folder {folder}: learned_embeds.safetensors ({one.token!r}) and {PAIR_2} "
+                           f"({two.token!r}) should each hold one tensor for the same token")
+    if one.n_vectors != two.n_vectors:
+        raise SdknobsError(f"embedding folder {folder}: {one.n_vectors} vector(s) for the first encoder but "
+                           f"{two.n_vectors} for the second")
+    return EmbeddingFile(one.token, one.vectors, "diffusers-sdxl", folder, one.metadata, vectors_2=two.vectors)
+
+
 SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt", ".pth", ".png", ".webp")
 
 
@@ -266,6 +284,8 @@ def read_embedding(path: str | Path, token: str | None = None) -> EmbeddingFile:
     """Read an embedding file of any supported format. `token` overrides the token it names (its
     key, A1111's `name`, or the file name); tokens are lowercased, as CLIP lowercases prompts."""
     path = Path(path)
+    if path.is_dir() and (path / "learned_embeds.safetensors").is_file() and (path / PAIR_2).is_file():
+        return _read_pair(path, token)
     if path.is_dir():
         path = _find_in_folder(path)
     if not path.is_file():
