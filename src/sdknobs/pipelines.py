@@ -365,13 +365,13 @@ def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=None, only_ma
         raise SdknobsError(f"--mask-blur must be a finite number >= 0, got {mask_blur}")
     if only_masked and padding < 0:
         raise SdknobsError(f"--padding must be >= 0, got {padding}")
-    start_index(steps, strength)  # validates strength
+    i0 = start_index(steps, strength)  # validates strength
     sizes = dict(original_size=original_size, crop_top_left=crop_top_left, target_size=target_size)
     size = _size_conditioning(model, width, height, **sizes)
     kw = dict(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, width=width, height=height, batch=batch,
               size=size)
     params = _params(model, prompt, negative_prompt, **kw, **{"Denoising strength": strength, "Mask blur": mask_blur})
-    if im.mask_array(mask).max() < 0.5 or strength == 0:  # nothing to repaint
+    if im.mask_array(mask).max() < 0.5 or i0 == steps:  # nothing to repaint (strength 0, or too small for one step, as img2img)
         _check_common(model, steps, guidance, batch, width, height)
         return Result([image.copy() for _ in range(batch)], params, None, {"raw": []})
     if only_masked:
