@@ -190,7 +190,10 @@ def overrides(key: list[str]) -> list[str]:
     return []
 
 
-def _in_process(argv: list[str], cwd: Path) -> tuple[int, str]:
+def _in_process(argv: list[str], cwd: Path, module: str = "") -> tuple[int, str]:
+    """`sdknobs ARGV` (or `python -m MODULE ARGV`, run as __main__ with sys.argv set) in this process, in `cwd`."""
+    import runpy
+
     import torch
 
     from sdknobs.cli import main
@@ -201,9 +204,17 @@ def _in_process(argv: list[str], cwd: Path) -> tuple[int, str]:
     try:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             try:
-                rc = main(argv)
-            except SystemExit as e:  # argparse refusals
-                rc = e.code if isinstance(e.code, int) else 1
+                if module:
+                    saved, sys.argv = sys.argv, [module, *argv]
+                    try:
+                        runpy.run_module(module, run_name="__main__", alter_sys=True)
+                    finally:
+                        sys.argv = saved
+                    rc = 0
+                else:
+                    rc = main(argv)
+            except SystemExit as e:  # argparse refusals, a module's sys.exit(main())
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         os.chdir(old)
         torch.set_num_threads(threads)  # a command that sets its own (pretrain --threads) leaves the next alone
@@ -229,6 +240,9 @@ def run_sh(cmd: Command, cwd: Path, env: dict) -> tuple[int, str, str]:
     if prog == "sdknobs" and not extra_env:
         argv = rest + overrides(_key_argv([w for w in rest if w not in ("-v", "--verbose")]))
         return (*_in_process(argv, cwd), shlex.join(["sdknobs", *argv]))
+    if prog in ("python", "python3", ".venv/bin/python") and rest[:1] == ["-m"] and not extra_env:
+        argv = rest[2:] + overrides([f"-m {rest[1]}"])
+        return (*_in_process(argv, cwd, module=rest[1]), shlex.join(["python", "-m", rest[1], *argv]))
     if prog in ("python", "python3", ".venv/bin/python"):
         script = next((w for w in rest if not w.startswith("-")), "") if rest[:1] != ["-c"] else ""
         key = [f"-m {rest[1]}"] if rest[:1] == ["-m"] else [script]
