@@ -58,7 +58,7 @@ OVERRIDES: dict[str, list[str]] = {
 
 # Commands that cannot run here, by their exact text (comments stripped, whitespace collapsed).
 SKIP: dict[str, str] = {
-    "make demo": "the set-up itself (creates .venv, installs); its job is tests/test_demo's",
+    "make demo": "the set-up itself (creates .venv, pip-installs), then `python -m sdknobs.demo`, not run here",
     "make test": "the set-up itself, then the whole test suite this test is part of",
     "make notebooks": "the notebooks at full length (~10 min); tests/test_notebooks.py runs their short versions",
     ".venv/bin/python notebooks/run.py --fast lora": "tests/test_notebooks.py runs exactly this (112 s for three)",
