@@ -52,6 +52,8 @@ OVERRIDES: dict[str, list[str]] = {
                  "--threads", "1"],  # not a size: the test's one torch thread (conftest), as every other command here
     "bench quality": ["--steps", "2", "--n-single", "3", "--n-two", "2", "--n-baseline", "2"],
     "bench analyzers": ["--n", "4"],
+    "bench outpaint": ["--steps", "2", "--prompts", "2", "--seeds", "0"],
+    "-m sdknobs.demo": ["--steps", "2"],
     "benchmarks/bench_lora_train.py": ["--steps", "2", "--warmup", "0", "--repeats", "1", "--batch-sizes", "1"],
     "benchmarks/bench_inference.py": ["--steps", "2", "--repeats", "1"],
 }
