@@ -106,7 +106,7 @@ def _strip_comment(line: str) -> str:
 
 def commands(page: Path) -> list[Command]:
     """Every runnable command of a page, in order."""
-    name = str(page.relative_to(ROOT))
+    name = str(page.relative_to(ROOT)) if page.is_relative_to(ROOT) else str(page)
     out, lines = [], page.read_text().splitlines()
     i = 0
     while i < len(lines):
@@ -167,6 +167,24 @@ def test_command_blocks_hold_commands():
     bad = [f"{c.where()}: `{c.text}` has {why}; write a real command, or put it in a ```text block"
            for cs in ALL.values() for c in cs if c.lang == "sh" and (why := synopsis(c.text))]
     assert not bad, "\n".join(bad)
+
+
+def test_the_reader_on_a_sample_page(tmp_path):
+    """Continuations joined, comments dropped, languages told apart, line numbers kept; synopses and keys found."""
+    page = tmp_path / "p.md"
+    page.write_text('text\n```sh\n# a comment\nsdknobs train-lora data/x --out "a #b.safetensors" \\\n    --steps 400   # long\n'
+                    '\nsdknobs lora inspect|conflict FILE\n```\n```text\nsdknobs nothing [--x]\n```\n'
+                    '```python\nprint(1)\n```\n')
+    cs = commands(page)
+    assert [(c.line, c.lang, c.text) for c in cs] == [
+        (4, "sh", 'sdknobs train-lora data/x --out "a #b.safetensors" --steps 400'),
+        (7, "sh", "sdknobs lora inspect|conflict FILE"), (13, "python", "print(1)")]
+    assert synopsis(cs[0].text) == "" and "a|b" in synopsis(cs[1].text)
+    assert "FILE" in synopsis("sdknobs ti verify FILE") and "[--flag" in synopsis('sdknobs x --p "a [b]" [--y 1]')
+    assert synopsis('sdknobs generate --prompt "a|b [c] ..." --out o.png') == ""
+    argv = shlex.split(cs[0].text)[1:]
+    assert overrides(_key_argv(argv)) == ["--steps", "2"] and overrides(["dataset", "class"])[:2] == ["--count", "2"]
+    assert overrides(["lora", "inspect"]) == []
 
 
 def test_no_stale_skips():
