@@ -196,7 +196,7 @@ CASES = [
     ("inspect-mismatch", "lora inspect {d}/lora_mismatch.safetensors", 2, ["lora_mismatch.safetensors"]),
     ("inspect-garbage", "lora inspect {d}/bad.safetensors", 2, ["bad.safetensors"]),
     ("inspect-folder", "lora inspect {d}/sub", 2, ["sub"]),
-    ("inspect-sdxl", "lora inspect {d}/lora_sdxl.safetensors", 2, ["sdxl"]),
+    ("inspect-sdxl", "lora inspect {d}/lora_sdxl.safetensors --model shapes", 2, ["sdxl", "sd1.x/sd2.x"]),
     ("inspect-embedding", "lora inspect {d}/emb_ok.safetensors", 2, ["emb_ok.safetensors"]),
     ("conflict-nan", "lora conflict {d}/lora_ok.safetensors {d}/lora_nan.safetensors", 2, ["nan"]),
     ("conflict-missing", "lora conflict {d}/lora_ok.safetensors {d}/nope.safetensors", 2, ["nope.safetensors"]),

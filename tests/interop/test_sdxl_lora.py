@@ -141,9 +141,9 @@ def test_sd1_lora_on_sdxl_and_the_reverse_name_both_families(xl, tiny, tmp_path)
                                                                           torch.ones(t.up_shape(2)), 2.0)
     a = write_lora(sd1, tmp_path / "sd1.safetensors")
     b = write_lora(random_lora(xl), tmp_path / "xl.safetensors")
-    with pytest.raises(SdknobsError, match=r"for SD1\.x/SD2\.x .*is SDXL"):
+    with pytest.raises(SdknobsError, match=r"LoRA for SD1\.x/SD2\.x .*is an SDXL-architecture model"):
         read_lora(a, model=xl)
-    with pytest.raises(SdknobsError, match=r"for SDXL .*is SD1\.x/SD2\.x"):
+    with pytest.raises(SdknobsError, match=r"LoRA for SDXL .*is an SD1\.x/SD2\.x-architecture model"):
         read_lora(b, model=tiny)
     msg = ""
     try:

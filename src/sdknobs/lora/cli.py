@@ -124,7 +124,7 @@ def cmd_inspect(args) -> None:
         from sdknobs.model import load_model
 
         model = load_model(args.model, device="cpu", dtype="fp32")
-    print("\n".join(inspect_lines(read_lora(args.file), model)))
+    print("\n".join(inspect_lines(read_lora(args.file, model=model), model)))  # (an SDXL file on SD1: refused)
 
 
 def cmd_conflict(args) -> None:

@@ -96,9 +96,9 @@ def check_architecture(what: str, family: Family, evidence: str, model) -> None:
     mine = model_architecture(model)
     if family is mine or evidence == DEFAULT_EVIDENCE:
         return
-    raise SdknobsError(f"{what} is for {family.name} ({evidence}), but the model {model.source or ''!r} is "
-                       f"{mine.name} (family {model.family}), whose layers have other names and shapes; use it "
-                       f"with an {family.name} model")
+    raise SdknobsError(f"{what} is a LoRA for {family.name} ({evidence}); the model {model.source or ''!r} is an "
+                       f"{mine.name}-architecture model (family {model.family}), whose layers have other names and "
+                       f"shapes; use it with an {family.name} model")
 
 
 def component_of_module(path: str) -> str | None:
