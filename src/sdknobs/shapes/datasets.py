@@ -24,6 +24,7 @@ NNNNN.png/.txt and its .jsonl) is replaced."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -165,7 +166,9 @@ def check_out_folder(out: str | Path, overwrite: bool) -> Path:
             if foreign:
                 raise SdknobsError(f"--out {str(out)!r} holds files sdknobs dataset did not write (e.g. {foreign[0]!r}); "
                                    f"it will not replace them even with --overwrite: choose a new folder")
-            check_out_path(p / "truth.jsonl", "--out", overwrite=True)  # the folder beside it is writable
+            parent = p.absolute().parent  # the new folder is written beside it, then renamed over it
+            if not os.access(parent, os.W_OK | os.X_OK) or not os.access(p, os.W_OK | os.X_OK):
+                raise SdknobsError(f"--out {str(out)!r}: the folder {str(parent)!r} or {str(out)!r} is not writable")
             return p
     return check_out_path(p, "--out", overwrite=False, folder=True)
 
