@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from sdknobs import SdknobsError, load_model
-from sdknobs.images import grid, save_png
+from sdknobs.images import default_mask_blur, grid, save_png
 from sdknobs.pipelines import generate, inpaint, outpaint, sweep_strength
 
 log = logging.getLogger("sdknobs.demo")
@@ -27,6 +27,16 @@ PROMPTS = [
     "a green circle on the left and a purple square on the right, white background",
 ]
 SCALE = 4
+
+
+def _framed(g: Image.Image, n: int, w: int, h: int) -> Image.Image:
+    """Grey 1 px frames around the n cells of a one-row `images.grid` (cells w x h after scaling), so a white mask or
+    a white background shows where its cell ends."""
+    d = ImageDraw.Draw(g)
+    for c in range(n):
+        x = 4 + c * (w + 4)
+        d.rectangle([x - 1, 3, x + w, 4 + h], outline=(160, 160, 160))
+    return g
 
 
 def _label(image: Image.Image, text: str) -> Image.Image:
@@ -85,18 +95,22 @@ def run(out: Path, model_name: str = "shapes", steps: int = 30, guidance: float 
     r = inpaint(model, scene, mask, "a green circle on the left and a yellow triangle on the right, white background",
                 seed=0, **kw)
     cells = [[scene, mask.convert("RGB"), r.extra["raw"][0], r.images[0]]]
-    written.append(save_png(_label(grid(cells, scale=SCALE), "image | mask | inpainted (raw) | pasted back"),
+    g = _framed(grid(cells, scale=SCALE), 4, w * SCALE, h * SCALE)
+    written.append(save_png(_label(g, f"image | mask (white = repaint) | inpainted (raw) | pasted back "
+                                      f"(mask blur {default_mask_blur(w, h):g} px)"),
                             out / "inpaint_before_after.png"))
     bar.update()
 
-    # 4. Outpainting: extend a picture to the right and left.
+    # 4. Outpainting: extend a picture to the right and left (new area first, then the seam band blended).
     small = generate(model, PROMPTS[1], seed=2, **kw).images[0]
     side = model.size_multiple * max(1, small.width // (2 * model.size_multiple))
     o = outpaint(model, small, PROMPTS[1].replace("on the left", "in the centre"), left=side, right=side, seed=0, **kw)
     pad = Image.new("RGB", o.images[0].size, "white")
     pad.paste(small, (side, 0))
-    written.append(save_png(_label(grid([[pad, o.extra["canvas"], o.images[0]]], scale=SCALE),
-                                   "original | extended canvas | outpainted"), out / "outpaint.png"))
+    cells = [pad, o.extra["canvas"], o.extra["first_pass"][0], o.images[0]]
+    g = _framed(grid([cells], scale=SCALE), 4, pad.width * SCALE, pad.height * SCALE)
+    written.append(save_png(_label(g, "original | extended canvas (fill) | new area painted | seam blended = outpainted"),
+                            out / "outpaint.png"))
     bar.update()
     bar.close()
     return written

@@ -163,7 +163,7 @@ FILLS = {
     "latent-noise": "pure latent noise (A1111's 'latent noise'; needs --strength 1), over a 'fill' canvas for the VAE",
 }
 FILL_ALIASES = {"noise": "latent-noise", "latent noise": "latent-noise"}
-SEAM_STRENGTH = 0.5  # outpaint's second pass over the seam band (docs/outpainting.md measures it)
+SEAM_STRENGTH = 0.3  # outpaint's second pass over the seam band (docs/outpainting.md measures it)
 
 
 def check_fill(fill: str) -> str:

@@ -10,7 +10,9 @@ Methods, run on the same sources and seeds:
   `overlap` px of the original at full strength; the canvas filled by repeating the edge pixels, or with uniform
   pixel noise), kept here only to measure it (`_before`);
 - `fill`, `edge`, `latent-noise`: `pipelines.outpaint` with that fill (new area first with the original kept
-  whole, then the seam band at `--seam-strength`).
+  whole, then the seam band at `--seam-strength`);
+- `fill+background-prompt`: `fill` with a prompt of the background alone ('black background'), what the new area
+  should show.
 
 Figures per method (mean over cases):
 - seam (background colour continuity): mean |colour difference| (0-255, channels averaged) between the 2 px strips
@@ -18,8 +20,9 @@ Figures per method (mean over cases):
   crossing the seam is left out: its own edge is not a seam); each extended edge has two joins (the old edge, and
   the line `overlap` px inside it where repainted pixels meet kept ones), and the worse counts. `no seam` is the same
   figure on the source pictures at lines 8 px inside their edges, where nothing was joined;
-- duplicated: the share of pictures the analyzers read with two or more shapes of the source shape's colour
-  (padded to a square with the border colour, as they read square pictures);
+- duplicated: the share of pictures the analyzers read (padded to a square with the border colour, as they read
+  square pictures) with two or more shapes of the source shape's colour, or with one of more than `GROWN` x the
+  source shape's area (a copy drawn against it at the seam merges with it; `duplicated`);
 - streaks: the share of pictures whose new area, shapes of the source's colour left out, has more than `STREAK_RATIO` times the
   high-frequency energy (mean squared difference from a 1 px Gaussian blur) of the source picture's background, plus
   `STREAK_FLOOR` (`streaky`)."""
@@ -42,7 +45,7 @@ PROMPTS = (
     "a small green circle in the centre, white background",
 )
 SIDES = {"left+right": (16, 16, 0, 0), "top+bottom": (0, 0, 16, 16)}
-METHODS = ("before-edge", "before-noise", "fill", "edge", "latent-noise")
+METHODS = ("before-edge", "before-noise", "fill", "edge", "latent-noise", "fill+background-prompt")
 STREAK_RATIO = 2.0
 STREAK_FLOOR = 1.0  # 0-255 squared units
 _POSITION = re.compile(r" (on the left|on the right|at the top|at the bottom|in the centre)")
@@ -50,6 +53,11 @@ _POSITION = re.compile(r" (on the left|on the right|at the top|at the bottom|in 
 
 def without_position(prompt: str) -> str:
     return _POSITION.sub("", prompt)
+
+
+def background_only(prompt: str) -> str:
+    """'a small blue square, black background' -> 'black background': what the new area should show."""
+    return prompt.rsplit(", ", 1)[-1]
 
 
 def _before(model, image, prompt, left, right, top, bottom, fill, seed, **kw):
@@ -182,11 +190,17 @@ def _padded(picture: Image.Image, n: int | None = None) -> Image.Image:
     return out
 
 
-def copies(picture: Image.Image, colour: str) -> int:
-    """How many shapes of `colour` the analyzers read in a (padded) picture."""
+GROWN = 1.5  # a same-colour shape this many times the source shape's area is two copies run together
+
+
+def duplicated(picture: Image.Image, shape) -> bool:
+    """Two copies of the source's `shape` (an analyze.ShapeReport) in an outpainted picture: two or more shapes of its
+    colour, or one of more than `GROWN` x its area (a copy drawn against it at the seam, which the analyzers merge
+    into one group)."""
     from sdknobs.shapes.analyze import analyze
 
-    return sum(s.colour == colour for s in analyze(_padded(picture)).shapes)
+    same = [s for s in analyze(_padded(picture)).shapes if s.colour == shape.colour]
+    return len(same) >= 2 or max((s.area for s in same), default=0) > GROWN * shape.area
 
 
 @dataclass
@@ -230,7 +244,7 @@ def bench(model, *, prompts=PROMPTS, seeds=(0, 1), sides=SIDES, methods=METHODS,
         if len(shapes) != 1:
             rep.skipped.append((prompt, seed))
             continue
-        colour, wide = shapes[0].colour, without_position(prompt)
+        shape, wide = shapes[0], without_position(prompt)
         overlap = im.default_overlap(source.width, source.height, model.vae_scale_factor)
         for ext in sides.values():
             rep.baseline.append(no_seam(source))
@@ -239,19 +253,21 @@ def bench(model, *, prompts=PROMPTS, seeds=(0, 1), sides=SIDES, methods=METHODS,
                 if m.startswith("before-"):
                     pic = _before(model, source, wide, *ext, m.split("-", 1)[1], seed, **kw)
                 else:
-                    pic = outpaint(model, source, wide, left=ext[0], right=ext[1], top=ext[2], bottom=ext[3],
-                                   fill=m, seam_strength=seam_strength, seed=seed, **kw).images[0]
-                rep.rows[m].append((seam(pic, source, ext, overlap), copies(pic, colour) >= 2,
-                                    streaky(pic, source, ext, colour)))
+                    fill, text = (m, wide) if m in im.FILLS else ("fill", background_only(wide))
+                    pic = outpaint(model, source, text, left=ext[0], right=ext[1], top=ext[2], bottom=ext[3],
+                                   fill=fill, seam_strength=seam_strength, seed=seed, **kw).images[0]
+                rep.rows[m].append((seam(pic, source, ext, overlap), duplicated(pic, shape),
+                                    streaky(pic, source, ext, shape.colour)))
                 rep.pictures[m].append(pic)
     return rep
 
 
 def before_after_grid(rep: OutpaintReport, methods=("before-edge", "before-noise", "fill", "latent-noise"), n=6,
                       scale=3) -> Image.Image:
-    """Columns: source, then each method; rows: the first `n` cases (each cell padded to a square)."""
+    """Columns: source, then each method (of those run); rows: the first `n` cases (each cell padded to a square)."""
     from sdknobs.images import grid
 
+    methods = [m for m in methods if m in rep.methods] or list(rep.methods)
     rows = []
     for i in range(min(n, len(rep.sources))):
         side = max(rep.pictures[methods[0]][i].size)
@@ -267,6 +283,8 @@ def register(bsub) -> None:
     o.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     o.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per prompt")
     o.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} prompts to use")
+    o.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
+                   help=f"which to run, of: {', '.join(METHODS)}")
     o.add_argument("--seam-strength", type=float, default=None, help="outpaint's --seam-strength (default: its own)")
     o.add_argument("--grid", default="", help="also write a PNG of the first cases, source and each method, here")
     o.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
@@ -294,8 +312,8 @@ def _cmd(args) -> None:
         check_out_path(args.grid, "--grid", overwrite=args.overwrite)
     model = load_model(args.model)
     check_steps(args.steps, model.scheduler_config)
-    rep = bench(model, prompts=PROMPTS[: args.prompts], seeds=tuple(args.seeds), steps=args.steps,
-                guidance=args.guidance, seam_strength=args.seam_strength)
+    rep = bench(model, prompts=PROMPTS[: args.prompts], seeds=tuple(args.seeds), methods=tuple(args.methods),
+                steps=args.steps, guidance=args.guidance, seam_strength=args.seam_strength)
     print(f"model {args.model}, {args.steps} DDIM steps, guidance {args.guidance}, seeds {' '.join(map(str, args.seeds))}")
     print("\n".join(rep.lines()))
     if args.grid:
