@@ -3,7 +3,7 @@ line of README.md's ```sh blocks, unchanged, in a fresh work folder (with the da
 as docs/lora.md and docs/textual_inversion.md make them), then scores what each trained file does with the
 exact analyzers (`shapes/analyze.py`) on held-out prompts (the file's own `sdknobs dataset` lines run first):
 
-    python -m sdknobs.training.readme [--work out/readme-check] [--n 48] [--readme README.md]
+    python -m sdknobs.training.readme [--work out/readme-check] [--n 60] [--readme README.md]
 
   style LoRA (data of one non-solid style):   style rate on prompts naming the style, base model alongside
   subject LoRA (--instance-token T --class-word W, data of one kind): that kind's rate on "T W" prompts
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     ap.add_argument("--readme", default="README.md", help="the file whose ```sh blocks hold the commands")
     ap.add_argument("--work", default="out/readme-check", help="work folder (must not exist, or --fresh)")
     ap.add_argument("--fresh", action="store_true", help="delete --work first (only a folder this script made)")
-    ap.add_argument("--n", type=int, default=48, help="held-out prompts per command")
+    ap.add_argument("--n", type=int, default=60, help="held-out prompts per command")
     ap.add_argument("--threads", type=int, default=1, help="OMP/torch threads for training and sampling")
     ap.add_argument("--only", default="", help="run only commands whose text contains this")
     args = ap.parse_args(argv)
