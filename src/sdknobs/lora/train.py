@@ -13,6 +13,7 @@ becomes "a sks shape"); optional class images (`--class-data-dir`) keep their ow
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -236,7 +237,11 @@ def kohya_metadata(model, cfg: LoraTrainConfig, trainer_meta: dict, text_encoder
     """kohya's ss_* keys (A1111 and ComfyUI show them) plus modelspec's and ours. Model names are file or
     folder names only (as kohya stores them), never a local path."""
     from sdknobs.lora.files import model_file_name
+    from sdknobs.training import defaults
 
+    if any(getattr(cfg, f) is None for f in defaults.defaultable(type(cfg))):  # a config not yet run: its values as
+        cfg = dataclasses.replace(cfg)                                           # training would resolve them
+        defaults.resolve(cfg, model, "lora")
     res = trainer_meta.get("resolution", cfg.resolution or model.default_size)
     # kohya's ss_base_model_version values (train_util.py / sdxl_train_util.py)
     version = "sdxl_base_v1-0" if getattr(model, "text_encoder_2", None) is not None else \
