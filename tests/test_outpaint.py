@@ -58,7 +58,7 @@ def test_two_passes_keep_the_rest_exactly_and_record_their_settings(tiny, photo)
     assert np.array_equal(first[:, 8:40], src)  # pass 1 keeps the whole original
     assert not np.array_equal(out[:, 6:10], first[:, 6:10])  # pass 2 repainted the band
     assert np.array_equal(out[:, :6], first[:, :6]) and np.array_equal(out[:, 42:], first[:, 42:])
-    assert "Outpaint fill: fill, Overlap: 2 2, Seam strength: 0.5" in r.parameters[0] and "Seed: 3" in r.parameters[0]
+    assert "Outpaint fill: edge, Overlap: 2 2, Seam strength: 0.5" in r.parameters[0] and "Seed: 3" in r.parameters[0]
     skip = outpaint(tiny, photo, P, left=8, right=8, overlap=2, mask_blur=0, seed=3, seam_strength=0, **KW)
     assert np.array_equal(arr(skip.images[0]), first)  # 0 skips the second pass
     with pytest.raises(SdknobsError, match="latent-noise .* --strength 1"):

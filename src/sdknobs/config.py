@@ -179,7 +179,7 @@ class OutpaintConfig(SampleConfig):
                                    "so the seam blends; 0 skips that pass",
                              type=int, shown="1/8 of the image's width (left/right) or height (top/bottom), in whole "
                                              "latent cells: 4 px on a 32 px shapes picture, 64 px at 512 px")
-    fill: str = _f("fill", "what the new area starts as (A1111's 'masked content'): fill = the mean colour of the "
+    fill: str = _f("edge", "what the new area starts as (A1111's 'masked content'): fill = the mean colour of the "
                            "image's outer border (A1111's fill); edge = the edge pixels repeated outwards; latent-noise "
                            "(or noise) = pure latent noise, needs --strength 1 (A1111's latent noise). At --strength 1 "
                            "the new area starts from latent noise with any fill, and the fill only sets what the VAE sees "

@@ -109,7 +109,7 @@ def run(out: Path, model_name: str = "shapes", steps: int = 30, guidance: float 
     pad.paste(small, (side, 0))
     cells = [pad, o.extra["canvas"], o.extra["first_pass"][0], o.images[0]]
     g = _framed(grid([cells], scale=SCALE), 4, pad.width * SCALE, pad.height * SCALE)
-    written.append(save_png(_label(g, "original | extended canvas (fill) | new area painted | seam blended = outpainted"),
+    written.append(save_png(_label(g, "original | extended canvas | new area painted | seam blended = outpainted"),
                             out / "outpaint.png"))
     bar.update()
     bar.close()

@@ -198,7 +198,7 @@ def canvas_size(size: tuple[int, int], left: int, right: int, top: int, bottom: 
 
 
 def extend_canvas(image: Image.Image, left: int, right: int, top: int, bottom: int, overlap,
-                  fill: str = "fill", seed: int = 0) -> tuple[Image.Image, Image.Image, Image.Image]:
+                  fill: str = "edge", seed: int = 0) -> tuple[Image.Image, Image.Image, Image.Image]:
     """A larger canvas with the image inside and the new border filled (`FILLS`), and two masks (white = repaint):
     the new area alone, and the seam band: `overlap` px either side of each extended edge (into the original and
     into the new area; a pair is (left/right, top/bottom)). `seed` is unused by the smooth fills (kept for callers).

@@ -398,7 +398,7 @@ def inpaint(model, image, mask, prompt, *, strength=1.0, mask_blur=None, only_ma
 @_with_prompt_tags
 @_with_embeddings
 @_with_lora
-def outpaint(model, image, prompt, *, left=0, right=0, top=0, bottom=0, overlap=None, fill="fill",
+def outpaint(model, image, prompt, *, left=0, right=0, top=0, bottom=0, overlap=None, fill="edge",
              strength=1.0, seam_strength=im.SEAM_STRENGTH, mask_blur=None, **kwargs) -> Result:
     """Outpainting in two inpainting passes on a canvas extended by the given pixels on each side (`images.extend_canvas`):
     1. the new area alone at `strength` (1: from pure latent noise), the whole original kept on its noise path;
