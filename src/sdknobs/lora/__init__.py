@@ -9,7 +9,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "LoraSpec": "spec", "parse_spec": "spec", "Window": "spec",
-    "PRESETS": "targets", "resolve_targets": "targets",
+    "PRESETS": "targets", "presets_for": "targets", "resolve_targets": "targets",
     "LoraWeights": "files", "LoraFactors": "files", "read_lora": "files", "write_lora": "files",
     "apply_loras": "layers", "remove_loras": "layers", "applied": "layers", "LoraSet": "layers",
     "merge_into": "merge", "combine": "merge",

@@ -37,6 +37,11 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TEXT_ENCODER_CHOICES = ("both", "1", "2")  # which encoders --text-encoder adds on a two-encoder model
 
 
+def presets_for(model) -> list[str]:
+    """The presets that apply to `model`: those whose component it has (text-encoder-2 only on SDXL)."""
+    return [name for name, (comp, _) in PRESETS.items() if getattr(model, comp, None) is not None]
+
+
 @dataclass(frozen=True)
 class Target:
     component: str  # "unet", "text_encoder" or "text_encoder_2"
