@@ -275,3 +275,21 @@ def test_diffusers_sdxl_ti_folder_reads_as_one_embedding(xl_dir, tmp_path):
     save_file({"<other>": v2}, str(tmp_path / "learned_embeds_2.safetensors"))
     with pytest.raises(SdknobsError, match="for the same token"):
         read_embedding(tmp_path)
+
+
+def test_renamed_sdxl_embedding_names_its_trained_token(tiny_xl_dir, tmp_path):
+    """An SDXL file is read by its name (as A1111 and kohya do); trained as '<o>' but saved as ti.safetensors,
+    its name 'ti' is a vocabulary word: the error names the trained token and both ways out."""
+    import torch
+
+    from sdknobs import load_model
+    from sdknobs.errors import SdknobsError
+    from sdknobs.ti import load_embedding
+    from sdknobs.ti.files import save_embedding
+
+    model = load_model(tiny_xl_dir)
+    w1, w2 = model.text_widths
+    path = save_embedding(tmp_path / "ti.safetensors", "<o>", torch.randn(1, w1), vectors_2=torch.randn(1, w2))
+    with pytest.raises(SdknobsError, match=r"trained as '<o>'.*rename it to o\.safetensors or give --embedding .*=<o>"):
+        load_embedding(model, path)
+    assert load_embedding(model, path, token="<o>").token == "<o>"

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdknobs.ti.files import EmbeddingFile, read_embedding, save_embedding
+from sdknobs.errors import SdknobsError
+from sdknobs.ti.files import EmbeddingFile, default_filename, read_embedding, save_embedding
 from sdknobs.ti.tokens import add_pseudo_tokens, add_pseudo_tokens_all, vector_names  # noqa: F401
 
 
@@ -52,7 +53,17 @@ def load_embedding(model, source: str | Path | EmbeddingFile, token: str | None 
         emb.token = token.lower()
     check_width(emb, model)
     where = f"embedding file {emb.path}: token" if emb.path else "embedding token"
-    ids = add_pseudo_tokens_all(model, emb.token, emb.parts, what=where)  # one row set in each text encoder
+    try:
+        ids = add_pseudo_tokens_all(model, emb.token, emb.parts, what=where)  # one row set in each text encoder
+    except SdknobsError as e:
+        trained = str(emb.metadata.get("token", "")) if emb.path else ""
+        if not trained or trained == emb.token:
+            raise
+        # kohya/A1111/SDXL files take their trigger from the file name; this one was trained as another token
+        raise SdknobsError(f"{str(e).split('; choose a new name')[0]}; the file was trained as {trained!r} (its metadata) and is read as {emb.token!r} "
+                           f"after its name, as A1111 and kohya read it: rename it to "
+                           f"{Path(default_filename(trained, 'kohya')).stem}{Path(emb.path).suffix} or give "
+                           f"--embedding {emb.path}={trained}") from None
     loaded = LoadedEmbedding(emb.token, vector_names(emb.token, emb.n_vectors), ids[0], emb.format, emb.path,
                              ids_by_encoder=ids)
     model.extra.setdefault("embeddings", []).append(loaded)
