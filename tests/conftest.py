@@ -73,3 +73,16 @@ def tiny_xl_dir(tmp_path_factory):
     from sdknobs.tiny import write_tiny_sdxl_model
 
     return write_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def xl_dir(tiny_xl_dir):
+    return tiny_xl_dir
+
+
+@pytest.fixture(scope="module")
+def xl(tiny_xl_dir):
+    """The tiny SDXL model loaded once per test module (tests may add LoRAs or embeddings to it)."""
+    from sdknobs import load_model
+
+    return load_model(tiny_xl_dir, device="cpu", dtype="fp32")

@@ -22,18 +22,6 @@ PROMPT = "a small red circle on the left, white background"
 
 
 @pytest.fixture(scope="module")
-def xl_dir(tmp_path_factory):
-    from sdknobs.tiny import write_tiny_sdxl_model
-
-    return write_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
-
-
-@pytest.fixture(scope="module")
-def xl(xl_dir):
-    return load_model(xl_dir)
-
-
-@pytest.fixture(scope="module")
 def xl_file(xl, tmp_path_factory):
     from sdknobs.single_file import save_single_file
 

@@ -15,16 +15,6 @@ from sdknobs.lora.targets import resolve_targets
 
 
 @pytest.fixture(scope="module")
-def xl_dir(tiny_xl_dir):
-    return tiny_xl_dir  # tests/conftest.py: one tiny random SDXL folder for the session
-
-
-@pytest.fixture(scope="module")
-def xl(xl_dir):
-    return load_model(xl_dir, device="cpu", dtype="fp32")
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Two captioned pictures: 48x32 (landscape: resized to 48x32 at 32 px, centre crop at left 8) and 32x40."""
     d = tmp_path_factory.mktemp("xl-data")

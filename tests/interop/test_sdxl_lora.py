@@ -24,16 +24,6 @@ ATOL = 1e-4
 PROMPT = "a small red circle on the left, white background"
 
 
-@pytest.fixture(scope="module")
-def xl_dir(tiny_xl_dir):
-    return tiny_xl_dir  # tests/conftest.py: one tiny random SDXL folder for the session
-
-
-@pytest.fixture(scope="module")
-def xl(xl_dir):
-    return load_model(xl_dir, device="cpu", dtype="fp32")
-
-
 def random_lora(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = LoraWeights({})

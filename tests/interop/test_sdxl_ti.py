@@ -17,11 +17,6 @@ ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def xl_dir(tiny_xl_dir):
-    return tiny_xl_dir  # tests/conftest.py: one tiny random SDXL folder for the session
-
-
-@pytest.fixture(scope="module")
 def emb_file(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     v1, v2 = torch.randn(2, 32, generator=g), torch.randn(2, 64, generator=g)  # two vectors per encoder
