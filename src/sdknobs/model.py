@@ -163,12 +163,8 @@ def read_settings(folder: Path) -> dict:
     path = Path(folder) / SETTINGS_FILE
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise SdknobsError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
-    if not isinstance(data, dict):
-        raise SdknobsError(f"{path}: expected a JSON object like {{\"sampling\": {{\"guidance\": 3.0}}}}")
+    data = _json_object(path, f"{path}: not readable JSON",
+                        f"{path}: expected a JSON object like {{\"sampling\": {{\"guidance\": 3.0}}}}")
     sampling = data.get("sampling", {})
     if not isinstance(sampling, dict):
         raise SdknobsError(f"{path}: \"sampling\" must be an object of {', '.join(SAMPLING_KEYS)}")
@@ -306,12 +302,18 @@ def _model_index(path: Path) -> dict:
     f = path / "model_index.json"
     if not f.is_file():
         return {}
+    return _json_object(f, f"model folder {path}: model_index.json is not readable JSON",
+                        f"model folder {path}: model_index.json holds no JSON object")
+
+
+def _json_object(path: Path, unreadable: str, not_object: str) -> dict:
+    """A JSON file that must hold an object: SdknobsError `unreadable (reason)` or `not_object` otherwise."""
     try:
-        data = json.loads(f.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise SdknobsError(f"model folder {path}: model_index.json is not readable JSON ({' '.join(str(e).split())})") from None
+        raise SdknobsError(f"{unreadable} ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
-        raise SdknobsError(f"model folder {path}: model_index.json holds no JSON object")
+        raise SdknobsError(not_object)
     return data
 
 
